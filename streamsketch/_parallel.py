@@ -1,0 +1,56 @@
+"""Row-parallel execution of GIL-free numba kernels on a small thread pool.
+
+Kernels are compiled ``nogil=True`` and *serial*; parallelism comes from
+running them on disjoint row ranges in Python threads, each with its own
+output buffer, then summing the buffers. Unlike numba's ``prange`` this works
+under every numba threading layer and stays safe when several user threads
+drive different sketches at once.
+
+``STREAMSKETCH_NUM_THREADS`` caps the thread count (default: CPU count).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["num_threads", "split_rows", "run_chunks"]
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def num_threads() -> int:
+    """Worker threads used for large blocks."""
+    env = os.environ.get("STREAMSKETCH_NUM_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            pass
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=num_threads(), thread_name_prefix="streamsketch")
+        return _POOL
+
+
+def split_rows(n: int, min_rows: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into at most ``num_threads()`` ranges of >= ``min_rows`` rows."""
+    parts = max(1, min(num_threads(), n // max(1, min_rows)))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def run_chunks(fn: Callable[[int, int], object], ranges: list[tuple[int, int]]) -> list[object]:
+    """Call ``fn(lo, hi)`` for every range, in parallel when there are several."""
+    if len(ranges) == 1:
+        return [fn(*ranges[0])]
+    futures = [_pool().submit(fn, lo, hi) for lo, hi in ranges]
+    return [f.result() for f in futures]

@@ -1,0 +1,193 @@
+"""Input validation shared by every sketch.
+
+Every public entry point converts and checks its arguments here *before* it
+touches any state, so that a rejected call leaves a sketch exactly as it was.
+Errors name the offending argument.
+
+Dtype policy: ``float32`` and ``float64`` are kept as given, integer arrays are
+converted to ``float64``, and everything else (bool, float16, complex, object,
+strings) is refused with a :class:`TypeError`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "as_float_matrix",
+    "as_float_vector",
+    "check_dtype_arg",
+    "check_finite",
+    "check_int",
+    "check_float",
+    "check_index",
+]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _refuse_foreign_tensor(value: Any, name: str) -> None:
+    # Torch (and similar) tensors convert silently through ``__array__`` and
+    # would force a host copy of device memory; the numpy core refuses them so
+    # the user decides where the copy happens.
+    mod = type(value).__module__
+    if mod.startswith(("torch", "jax", "cupy", "tensorflow")):
+        raise TypeError(
+            f"{name} must be a numpy array, got {type(value).__module__}."
+            f"{type(value).__name__}; convert it first (e.g. tensor.cpu().numpy())"
+        )
+
+
+def _as_float_array(value: Any, name: str, dtype: np.dtype | None) -> np.ndarray:
+    _refuse_foreign_tensor(value, name)
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}")
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    kind = arr.dtype.kind
+    if arr.dtype in _FLOAT_DTYPES:
+        pass
+    elif kind in "iu":
+        arr = arr.astype(np.float64)
+    else:
+        raise TypeError(
+            f"{name} must have a float32, float64 or integer dtype, got {arr.dtype}"
+        )
+    if dtype is not None and arr.dtype != dtype:
+        arr = arr.astype(dtype)
+    return arr
+
+
+def check_finite(arr: np.ndarray, name: str) -> None:
+    """Raise :class:`ValueError` if ``arr`` holds NaN or +-Inf."""
+    if arr.size and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        where = ", ".join(str(int(i)) for i in bad)
+        raise ValueError(f"{name} contains NaN or Inf (first at index [{where}])")
+
+
+def as_float_matrix(
+    value: Any,
+    name: str,
+    n_features: int | None = None,
+    *,
+    dtype: np.dtype | type | None = None,
+    finite: bool = True,
+    allow_empty: bool = True,
+) -> np.ndarray:
+    """Return ``value`` as a C-contiguous 2-D float array of shape ``(n, n_features)``.
+
+    Parameters
+    ----------
+    value : array_like, shape (n, n_features)
+        The rows.
+    name : str
+        Argument name used in error messages.
+    n_features : int, optional
+        Required width; any width is accepted when ``None``.
+    dtype : numpy dtype, optional
+        Convert to this float dtype (the sketch's own); keep the input's float
+        dtype when ``None``.
+    finite : bool
+        Refuse NaN/Inf (one extra pass over the data) when true. Kernels that
+        check finiteness themselves pass ``False``.
+    allow_empty : bool
+        Accept ``n == 0``.
+
+    Returns
+    -------
+    numpy.ndarray
+        C-contiguous, ``float32`` or ``float64``; a copy only where needed.
+    """
+    arr = _as_float_array(value, name, None if dtype is None else np.dtype(dtype))
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D of shape (n, n_features), got shape {arr.shape}")
+    if n_features is not None and arr.shape[1] != n_features:
+        raise ValueError(
+            f"{name} must have {n_features} columns (n_features), got {arr.shape[1]}"
+        )
+    if not allow_empty and arr.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row")
+    arr = np.ascontiguousarray(arr)
+    if finite:
+        check_finite(arr, name)
+    return arr
+
+
+def as_float_vector(
+    value: Any,
+    name: str,
+    n_features: int | None = None,
+    *,
+    dtype: np.dtype | type | None = None,
+    finite: bool = True,
+) -> np.ndarray:
+    """Return ``value`` as a contiguous 1-D float array of length ``n_features``."""
+    arr = _as_float_array(value, name, None if dtype is None else np.dtype(dtype))
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D of shape (n_features,), got shape {arr.shape}")
+    if n_features is not None and arr.shape[0] != n_features:
+        raise ValueError(f"{name} must have length {n_features} (n_features), got {arr.shape[0]}")
+    arr = np.ascontiguousarray(arr)
+    if finite:
+        check_finite(arr, name)
+    return arr
+
+
+def check_int(
+    value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """Return ``value`` as a Python int, refusing bools, floats and out-of-range values."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_float(
+    value: Any,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    strict_minimum: bool = False,
+) -> float:
+    """Return ``value`` as a finite Python float within the given bounds."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None:
+        if strict_minimum and value <= minimum:
+            raise ValueError(f"{name} must be > {minimum}, got {value}")
+        if not strict_minimum and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_index(value: Any, name: str) -> int:
+    """A global stream position: a non-negative integer below 2**62."""
+    return check_int(value, name, minimum=0, maximum=2**62)
+
+
+def check_dtype_arg(value: Any, name: str = "dtype") -> np.dtype:
+    """Validate a sketch's ``dtype`` parameter: float32 or float64."""
+    try:
+        dt = np.dtype(value)
+    except TypeError:
+        raise TypeError(f"{name} must be float32 or float64, got {value!r}") from None
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {dt}")
+    return dt
