@@ -182,13 +182,12 @@ class Serializable(abc.ABC):
         mine, theirs = self._params(), other._params()
         for key in mine:
             a, b = mine[key], theirs[key]
-            if not _param_equal(a, b):
-                what = "seed" if key == "seed_key" else key
-                raise ValueError(
-                    f"{argname} is incompatible: {what} differs ({b!r} != {a!r})"
-                    if what != "seed"
-                    else f"{argname} is incompatible: it was built with a different seed"
-                )
+            if _param_equal(a, b):
+                continue
+            if key == "seed_key":
+                raise ValueError(f"{argname} is incompatible: it was built with a different seed")
+            shown = "" if isinstance(a, (bytes, np.ndarray)) else f" ({b!r} != {a!r})"
+            raise ValueError(f"{argname} is incompatible: {key} differs{shown}")
 
     def __repr__(self) -> str:
         shown = ", ".join(
