@@ -23,7 +23,7 @@ import numpy as np
 
 from ._validation import check_int
 
-__all__ = ["SeedKey", "SeedLike", "seed_to_key", "key_generator", "derive_key", "hash_index", "hashed_normals"]
+__all__ = ["SeedKey", "SeedLike", "seed_to_key", "key_generator", "hashed_signs", "derive_key", "hash_index", "hashed_normals"]
 
 SeedLike = Union[int, np.random.Generator, None]
 
