@@ -5,4 +5,12 @@ __version__ = "0.1.0"
 from .base import FeatureMap, Serializable, Sketch, load
 from .linear import CountSketch, countsketch
 
-__all__ = ["__version__", "FeatureMap", "Serializable", "Sketch", "load", "CountSketch", "countsketch"]
+__all__ = [
+    "CountSketch",
+    "FeatureMap",
+    "Serializable",
+    "Sketch",
+    "__version__",
+    "countsketch",
+    "load",
+]

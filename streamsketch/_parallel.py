@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["num_threads", "split_rows", "run_chunks"]
+__all__ = ["num_threads", "run_chunks", "split_rows"]
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -30,7 +30,9 @@ def num_threads() -> int:
             return max(1, int(env))
         except ValueError:
             pass
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -16,16 +16,24 @@ different keys give unrelated streams.
 from __future__ import annotations
 
 import numbers
-from typing import Union
 
 import numba
 import numpy as np
 
 from ._validation import check_int
 
-__all__ = ["SeedKey", "SeedLike", "seed_to_key", "key_generator", "hashed_signs", "derive_key", "hash_index", "hashed_normals"]
+__all__ = [
+    "SeedKey",
+    "SeedLike",
+    "derive_key",
+    "hash_index",
+    "hashed_normals",
+    "hashed_signs",
+    "key_generator",
+    "seed_to_key",
+]
 
-SeedLike = Union[int, np.random.Generator, None]
+SeedLike = int | np.random.Generator | None
 
 _MASK63 = (1 << 63) - 1
 

@@ -21,9 +21,9 @@ __all__ = [
     "as_float_vector",
     "check_dtype_arg",
     "check_finite",
-    "check_int",
     "check_float",
     "check_index",
+    "check_int",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -55,9 +55,7 @@ def _as_float_array(value: Any, name: str, dtype: np.dtype | None) -> np.ndarray
     elif kind in "iu":
         arr = arr.astype(np.float64)
     else:
-        raise TypeError(
-            f"{name} must have a float32, float64 or integer dtype, got {arr.dtype}"
-        )
+        raise TypeError(f"{name} must have a float32, float64 or integer dtype, got {arr.dtype}")
     if dtype is not None and arr.dtype != dtype:
         arr = arr.astype(dtype)
     return arr
@@ -108,9 +106,7 @@ def as_float_matrix(
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D of shape (n, n_features), got shape {arr.shape}")
     if n_features is not None and arr.shape[1] != n_features:
-        raise ValueError(
-            f"{name} must have {n_features} columns (n_features), got {arr.shape[1]}"
-        )
+        raise ValueError(f"{name} must have {n_features} columns (n_features), got {arr.shape[1]}")
     if not allow_empty and arr.shape[0] == 0:
         raise ValueError(f"{name} must have at least one row")
     arr = np.ascontiguousarray(arr)

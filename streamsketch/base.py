@@ -37,7 +37,7 @@ from . import _serialization
 from ._random import SeedKey
 from ._validation import as_float_matrix, as_float_vector
 
-__all__ = ["Serializable", "Sketch", "FeatureMap", "load"]
+__all__ = ["FeatureMap", "Serializable", "Sketch", "load"]
 
 _REGISTRY: dict[str, type[Serializable]] = {}
 
@@ -76,6 +76,7 @@ class Serializable(abc.ABC):
 
     def _check_loaded_state(self) -> None:
         """Extra invariants a loaded state must satisfy (raise ValueError)."""
+        return None
 
     # -- construction from parameters ------------------------------------
     @classmethod
@@ -158,7 +159,11 @@ class Serializable(abc.ABC):
             raise ValueError(f"corrupt {name} blob: state fields do not match the class")
         for key, want in want_arrays.items():
             got = arrays[key]
-            if not isinstance(got, np.ndarray) or got.shape != want.shape or got.dtype != want.dtype:
+            if (
+                not isinstance(got, np.ndarray)
+                or got.shape != want.shape
+                or got.dtype != want.dtype
+            ):
                 raise ValueError(
                     f"corrupt {name} blob: array {key!r} should be {want.dtype}{list(want.shape)}"
                 )
@@ -191,7 +196,9 @@ class Serializable(abc.ABC):
 
     def __repr__(self) -> str:
         shown = ", ".join(
-            f"{k}={v!r}" for k, v in self._params().items() if not isinstance(v, (bytes, np.ndarray))
+            f"{k}={v!r}"
+            for k, v in self._params().items()
+            if not isinstance(v, (bytes, np.ndarray))
         )
         return f"{type(self).__name__}({shown})"
 

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -38,7 +40,7 @@ def test_shards_with_start_index_merge_into_whole_stream(A):
     bounds = [0, 1000, 1001, 2500, 3000]
     shards = [
         CountSketch(7, 40, seed=9).extend(A[lo:hi], start_index=lo)
-        for lo, hi in zip(bounds[:-1], bounds[1:])
+        for lo, hi in itertools.pairwise(bounds)
     ]
     merged = shards[3].copy()
     for s in shards[:3]:
@@ -54,7 +56,8 @@ def test_same_seed_bit_identical_and_generator_seeds(A):
     assert not np.array_equal(a, CountSketch(7, 64, seed=6).extend(A).result())
     g1, g2 = np.random.default_rng(1), np.random.default_rng(1)
     assert np.array_equal(
-        CountSketch(7, 64, seed=g1).extend(A).result(), CountSketch(7, 64, seed=g2).extend(A).result()
+        CountSketch(7, 64, seed=g1).extend(A).result(),
+        CountSketch(7, 64, seed=g2).extend(A).result(),
     )
 
 
@@ -81,7 +84,11 @@ def test_bytes_roundtrip_then_continue(A):
 def test_rejected_extend_leaves_state_unchanged(A, bad, err, match, n_good):
     sk = CountSketch(7, 16, seed=0).extend(A[:n_good])
     before, n = sk.result(), sk.n_seen
-    big = np.concatenate([A[:500], bad]) if bad.dtype == float and bad.shape[-1] == 7 and bad.ndim == 2 else bad
+    big = (
+        np.concatenate([A[:500], bad])
+        if bad.dtype == float and bad.shape[-1] == 7 and bad.ndim == 2
+        else bad
+    )
     for X in (bad, big):
         with pytest.raises(err, match=match):
             sk.extend(X)
@@ -128,9 +135,13 @@ def test_subspace_embedding_and_unbiased_gram(rng):
     s_SA = np.linalg.svd(SA, compute_uv=False)
     assert np.all(np.abs(s_SA / s_A - 1) < 0.2)
     # E[(SA)^T(SA)] = A^T A: average over seeds
-    G = np.mean([countsketch(A[:200], 8, seed=s).T @ countsketch(A[:200], 8, seed=s)
-                 for s in range(300)], axis=0)
-    np.testing.assert_allclose(G, A[:200].T @ A[:200], rtol=0.25, atol=0.25 * np.abs(A[:200].T @ A[:200]).max())
+    G = np.mean(
+        [countsketch(A[:200], 8, seed=s).T @ countsketch(A[:200], 8, seed=s) for s in range(300)],
+        axis=0,
+    )
+    np.testing.assert_allclose(
+        G, A[:200].T @ A[:200], rtol=0.25, atol=0.25 * np.abs(A[:200].T @ A[:200]).max()
+    )
 
 
 def test_function_equals_object_and_keeps_dtype(A):

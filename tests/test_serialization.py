@@ -14,9 +14,16 @@ def _recrc(body: bytes) -> bytes:
 
 def test_roundtrip_all_field_kinds():
     fields = {
-        "none": None, "flag": True, "n": -7, "x": 2.5, "s": "héllo", "b": b"\x00\x01",
+        "none": None,
+        "flag": True,
+        "n": -7,
+        "x": 2.5,
+        "s": "héllo",
+        "b": b"\x00\x01",
         "a32": np.arange(6, dtype=np.float32).reshape(2, 3),
-        "a64": np.arange(4.0), "i": np.array([1, -2], np.int64), "u": np.array([3], np.uint64),
+        "a64": np.arange(4.0),
+        "i": np.array([1, -2], np.int64),
+        "u": np.array([3], np.uint64),
         "empty": np.zeros((0, 5)),
     }
     name, out = loads(dumps("Thing", fields))

@@ -10,8 +10,12 @@ def _maps():
     maps = [CountSketch(6, 24, seed=1)]
     import streamsketch.linear as lin
 
-    for name, args in (("GaussianSketch", (6, 24)), ("SRHT", (6, 24)),
-                       ("TensorSketch", (6, 2, 32)), ("PolySketch", (6, 2, 8))):
+    for name, args in (
+        ("GaussianSketch", (6, 24)),
+        ("SRHT", (6, 24)),
+        ("TensorSketch", (6, 2, 32)),
+        ("PolySketch", (6, 2, 8)),
+    ):
         if hasattr(lin, name):
             maps.append(getattr(lin, name)(*args, seed=1))
     return maps
@@ -41,7 +45,7 @@ def test_update_loop_merge_and_bytes(fmap, rng):
     X, Y = rng.standard_normal((120, 6)), rng.standard_normal((120, 2))
     whole = LinearAttentionState(fmap, 2).extend(X, Y)
     loop = LinearAttentionState(fmap, 2)
-    for x, y in zip(X, Y):
+    for x, y in zip(X, Y, strict=True):
         loop.update(x, y)
     a = LinearAttentionState(fmap, 2).extend(X[:50], Y[:50])
     b = LinearAttentionState(fmap, 2).extend(X[50:], Y[50:])

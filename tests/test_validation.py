@@ -19,8 +19,14 @@ def test_float_dtypes_kept_and_ints_converted():
 
 
 @pytest.mark.parametrize(
-    "bad", [np.ones((2, 2), bool), np.ones((2, 2), np.float16), np.ones((2, 2), complex),
-            np.array([[object(), 1]], dtype=object), "abc"],
+    "bad",
+    [
+        np.ones((2, 2), bool),
+        np.ones((2, 2), np.float16),
+        np.ones((2, 2), complex),
+        np.array([[object(), 1]], dtype=object),
+        "abc",
+    ],
 )
 def test_other_dtypes_refused_with_argument_name(bad):
     with pytest.raises(TypeError, match="Xname"):
