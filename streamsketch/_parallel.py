@@ -35,6 +35,18 @@ def num_threads() -> int:
     )
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child inherits the executor object but not its threads; using
+    # it would wait forever. Start afresh.
+    global _POOL, _POOL_LOCK
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:

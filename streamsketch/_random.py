@@ -64,7 +64,9 @@ def seed_to_key(seed: SeedLike, name: str = "seed") -> int:
 
 def derive_key(key: int, *path: int) -> int:
     """A sub-key for an independent component (a degree of a TensorSketch, ...)."""
-    words = np.random.SeedSequence([key, *path]).generate_state(1, np.uint64)
+    # The path's length goes first: SeedSequence ignores trailing zero words,
+    # which would make (k, 0) and (k,) the same sub-key.
+    words = np.random.SeedSequence([key, len(path), *path]).generate_state(1, np.uint64)
     return int(words[0]) & _MASK63
 
 

@@ -45,6 +45,9 @@ def _as_float_array(value: Any, name: str, dtype: np.dtype | None) -> np.ndarray
     _refuse_foreign_tensor(value, name)
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}")
+    if isinstance(value, np.ma.MaskedArray):
+        # The mask would be dropped silently and masked values used.
+        raise TypeError(f"{name} must be a plain array, not a masked array; fill it first")
     try:
         arr = np.asarray(value)
     except Exception as exc:  # ragged lists and the like
@@ -57,6 +60,12 @@ def _as_float_array(value: Any, name: str, dtype: np.dtype | None) -> np.ndarray
     else:
         raise TypeError(f"{name} must have a float32, float64 or integer dtype, got {arr.dtype}")
     if dtype is not None and arr.dtype != dtype:
+        if dtype.itemsize < arr.dtype.itemsize and arr.size:
+            limit = np.finfo(dtype).max
+            with np.errstate(invalid="ignore"):
+                too_big = np.abs(arr) > limit  # NaN compares False: left to the NaN check
+            if too_big.any():
+                raise ValueError(f"{name} has values beyond the {dtype} range of this sketch")
         arr = arr.astype(dtype)
     return arr
 
@@ -180,9 +189,15 @@ def check_index(value: Any, name: str) -> int:
 
 def check_dtype_arg(value: Any, name: str = "dtype") -> np.dtype:
     """Validate a sketch's ``dtype`` parameter: float32 or float64."""
+    # np.dtype() parses arbitrary strings (even with ast), and maps None to
+    # float64; accept only what names a float32/float64 unambiguously.
+    if value is None or (
+        isinstance(value, str) and value not in ("float32", "float64", "f4", "f8")
+    ):
+        raise TypeError(f"{name} must be float32 or float64, got {value!r}")
     try:
         dt = np.dtype(value)
-    except TypeError:
+    except Exception:
         raise TypeError(f"{name} must be float32 or float64, got {value!r}") from None
     if dt not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {dt}")

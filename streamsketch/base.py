@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import copy as _copy
+import inspect
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -41,6 +42,11 @@ __all__ = ["FeatureMap", "Serializable", "Sketch", "load"]
 
 _REGISTRY: dict[str, type[Serializable]] = {}
 
+#: Most bytes that rebuilding an object from a blob may allocate beyond the
+#: blob's own size (fixed random structure such as projection matrices). A
+#: blob whose parameters imply more is refused before anything is allocated.
+MAX_LOAD_WORKSPACE_BYTES = 256 * 2**20
+
 T = TypeVar("T", bound="Serializable")
 
 
@@ -52,8 +58,9 @@ class Serializable(abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if not getattr(cls, "__abstractmethods__", None):
-            _REGISTRY[cls.__name__] = cls
+        # First definition wins: a user class that reuses a library name must
+        # not silently take over what ``load`` rebuilds.
+        _REGISTRY.setdefault(cls.__name__, cls)
 
     # -- hooks -----------------------------------------------------------
     @abc.abstractmethod
@@ -78,13 +85,22 @@ class Serializable(abc.ABC):
         """Extra invariants a loaded state must satisfy (raise ValueError)."""
         return None
 
+    @classmethod
+    def _predicted_nbytes(cls, params: dict[str, Any]) -> int | None:
+        """Bytes the constructor would allocate for ``params`` (``None``: negligible).
+
+        Called on *untrusted* parameters before construction, so it must not
+        allocate; it may raise TypeError/ValueError/KeyError on bad values.
+        """
+        return None
+
     # -- construction from parameters ------------------------------------
     @classmethod
     def _from_params(cls: type[T], params: dict[str, Any]) -> T:
         params = dict(params)
         if "seed_key" in params:
             key = params.pop("seed_key")
-            if not isinstance(key, int) or not 0 <= key < 2**63:
+            if type(key) is not int or not 0 <= key < 2**63:
                 raise ValueError("seed_key must be an int in [0, 2**63)")
             params["seed"] = SeedKey(key)
         return cls(**params)
@@ -127,10 +143,10 @@ class Serializable(abc.ABC):
         class_name, fields = _serialization.loads(blob)
         if class_name != cls.__name__:
             raise ValueError(f"blob holds a {class_name}, not a {cls.__name__}")
-        return cls._from_fields(fields)
+        return cls._from_fields(fields, len(blob))
 
     @classmethod
-    def _from_fields(cls: type[T], fields: dict[str, Any]) -> T:
+    def _from_fields(cls: type[T], fields: dict[str, Any], blob_size: int) -> T:
         layout = fields.pop("layout_version", None)
         if layout != cls._layout_version:
             raise ValueError(
@@ -145,9 +161,20 @@ class Serializable(abc.ABC):
                 raise ValueError(f"corrupt {cls.__name__} blob: unexpected field {name!r}")
             target[key] = value
         try:
+            predicted = cls._predicted_nbytes(params)
+            if predicted is not None and predicted > blob_size + MAX_LOAD_WORKSPACE_BYTES:
+                raise ValueError(
+                    f"the parameters imply {predicted} bytes of workspace, more than "
+                    f"the blob's {blob_size} plus MAX_LOAD_WORKSPACE_BYTES"
+                )
             obj = cls._from_params(params)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, KeyError, OverflowError, MemoryError) as exc:
             raise ValueError(f"corrupt {cls.__name__} blob: bad parameters ({exc})") from None
+        # The parameters must be exactly those the object reports: nothing
+        # missing (filled by a default or fresh entropy) and nothing coerced.
+        mine = obj._params()
+        if set(mine) != set(params) or not all(_param_equal(mine[k], params[k]) for k in mine):
+            raise ValueError(f"corrupt {cls.__name__} blob: parameters do not round-trip")
         obj._load_state(arrays, scalars)
         return obj
 
@@ -170,7 +197,7 @@ class Serializable(abc.ABC):
             if got.dtype.kind == "f" and not np.isfinite(got).all():
                 raise ValueError(f"corrupt {name} blob: array {key!r} holds NaN or Inf")
         for key, value in scalars.items():
-            if not isinstance(value, int) or value < 0:
+            if type(value) is not int or value < 0:
                 raise ValueError(f"corrupt {name} blob: {key!r} must be a non-negative int")
         self._set_state(arrays, scalars)
         self._check_loaded_state()
@@ -270,10 +297,15 @@ class FeatureMap(Serializable):
         """Map rows ``X`` of shape ``(n, n_features)`` to ``(n, n_components)``."""
 
 
-def load(blob: bytes) -> Serializable:
-    """Rebuild any streamsketch object from its bytes (class read from the blob)."""
+def registered_class(blob: bytes) -> type[Serializable]:
+    """The concrete class a blob claims to hold (its envelope fully checked), unloaded."""
     name = _serialization.peek_class_name(blob)
     cls = _REGISTRY.get(name)
-    if cls is None:
+    if cls is None or inspect.isabstract(cls):
         raise ValueError(f"blob holds an unknown class {name!r}")
-    return cls.from_bytes(blob)
+    return cls
+
+
+def load(blob: bytes) -> Serializable:
+    """Rebuild any streamsketch object from its bytes (class read from the blob)."""
+    return registered_class(blob).from_bytes(blob)

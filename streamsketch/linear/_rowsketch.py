@@ -75,6 +75,10 @@ class LinearRowSketch(Sketch, FeatureMap):
         """
 
     # -- protocol -----------------------------------------------------------
+    @classmethod
+    def _predicted_nbytes(cls, params: dict[str, Any]) -> int:
+        return int(params["sketch_size"]) * int(params["n_features"]) * 8
+
     def _params(self) -> dict[str, Any]:
         return {
             "n_features": self.n_features,
@@ -117,6 +121,8 @@ class LinearRowSketch(Sketch, FeatureMap):
             it explicitly when several workers sketch shards of one stream:
             the shards then merge into the sketch of the whole stream. Each
             position should be consumed once across all merged sketches.
+            Afterwards :attr:`next_index` is ``start_index + k`` (also for
+            ``k = 0``, which just moves the position).
 
         Returns
         -------
@@ -149,7 +155,11 @@ class LinearRowSketch(Sketch, FeatureMap):
         if not np.isfinite(delta).all():
             check_finite(X, "X")
             raise ValueError("X is too large: its sketch overflows the dtype")
-        self._SA += delta
+        with np.errstate(over="ignore", invalid="ignore"):
+            delta += self._SA  # reuse the fresh buffer for the new state
+        if not np.isfinite(delta).all():
+            raise ValueError("X is too large: the sketch's state would overflow the dtype")
+        self._SA = delta
 
     def _merge_state(self, other: LinearRowSketch) -> None:
         total = self._SA + other._SA
@@ -170,8 +180,13 @@ class LinearRowSketch(Sketch, FeatureMap):
         Cost: O(sketch_size * n_rows) memory.
         """
         n_rows = check_int(n_rows, "n_rows", minimum=0)
-        start = check_index(start_index, "start_index")
-        return self._apply(np.eye(n_rows, dtype=self.dtype), start)
+        start = self._resolve_start(check_index(start_index, "start_index"), n_rows)
+        out = np.empty((self.sketch_size, n_rows), dtype=self.dtype)
+        eye = np.eye(min(n_rows, 1024), dtype=self.dtype)  # columns in blocks: O(m n) memory
+        for lo in range(0, n_rows, 1024):
+            k = min(1024, n_rows - lo)
+            out[:, lo : lo + k] = self._apply(np.ascontiguousarray(eye[:k, :k]), start + lo)
+        return out
 
     def transform(self, X: Any) -> np.ndarray:
         """Feature map ``X S[:, :n_features]^T``: shape ``(n, n_features) -> (n, sketch_size)``."""

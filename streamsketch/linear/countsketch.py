@@ -9,12 +9,13 @@ row ``h(i)``, both hashed from ``(seed, i)``. ``S·A`` costs O(nnz(A)) and
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numba
 import numpy as np
 
-from .._parallel import run_chunks, split_rows
+from .._parallel import num_threads, run_chunks, split_rows
 from .._random import SeedLike, hash_index, hashed_buckets_signs
 from .._validation import as_float_matrix, check_finite, check_int
 from ._rowsketch import LinearRowSketch
@@ -25,6 +26,8 @@ __all__ = ["CountSketch", "countsketch"]
 # up-front finiteness check: cheaper than a fresh (m, d) buffer per row.
 _DIRECT_ROWS = 64
 _ROWS_PER_THREAD = 8192
+# Rows per unit of work, cut at global positions (see _apply).
+_UNIT = 16384
 
 
 @numba.njit(nogil=True, cache=True)
@@ -96,18 +99,28 @@ class CountSketch(LinearRowSketch):
     """
 
     def _apply(self, X: np.ndarray, start: int) -> np.ndarray:
-        key = self._key
-        d = X.shape[1]
+        # Rows are cut into units at global positions that are multiples of
+        # _UNIT and the units' partial sketches are added in stream order, so
+        # the rounding, hence the bits, do not depend on the thread count.
+        key, d, n = self._key, X.shape[1], X.shape[0]
+        first_cut = -(-start // _UNIT) * _UNIT
+        cuts = [0, *(p - start for p in range(first_cut, start + n, _UNIT) if p > start), n]
+        units = list(itertools.pairwise(cuts))
 
         def part(lo: int, hi: int) -> np.ndarray:
             out = np.zeros((self.sketch_size, d), dtype=self.dtype)
             _scatter_rows(X, key, start, lo, hi, out)
             return out
 
-        parts = run_chunks(part, split_rows(X.shape[0], _ROWS_PER_THREAD))
-        total = parts[0]
-        for p in parts[1:]:
-            total += p
+        total: np.ndarray | None = None
+        wave = num_threads()
+        for w in range(0, len(units), wave):
+            for p in run_chunks(part, units[w : w + wave]):
+                if total is None:
+                    total = p
+                else:
+                    total += p
+        assert total is not None
         return total
 
     def _accumulate(self, X: np.ndarray, start: int) -> None:

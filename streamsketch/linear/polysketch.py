@@ -193,6 +193,20 @@ class PolySketch(FeatureMap):
         return node
 
     # -- protocol -------------------------------------------------------------
+    @classmethod
+    def _predicted_nbytes(cls, params: dict[str, Any]) -> int:
+        r, d = int(params["sketch_size"]), int(params["n_features"])
+
+        def count(q: int) -> int:  # entries of the matrices _build would draw
+            if q <= 1:
+                return 0
+            w1 = d if (q + 1) // 2 == 1 else r
+            w2 = d if q // 2 == 1 else r
+            return r * (w1 + w2) + count((q + 1) // 2) + count(q // 2)
+
+        q = int(params["degree"]) // 2
+        return 8 * (r * d if q == 1 else count(min(q, 32)))
+
     def _params(self) -> dict[str, Any]:
         return {
             "n_features": self.n_features,

@@ -226,6 +226,10 @@ class SRHT(LinearRowSketch):
         """The sampled Hadamard row indices ``r_1 .. r_m``, shape ``(m,)``, int64 (a copy)."""
         return self._rows.copy()
 
+    @classmethod
+    def _predicted_nbytes(cls, params: dict[str, Any]) -> int:
+        return super()._predicted_nbytes(params) + 8 * int(params["sketch_size"])
+
     def _workspace_arrays(self) -> list[np.ndarray]:
         return [self._rows]
 

@@ -150,6 +150,10 @@ class TensorSketch(FeatureMap):
         )
 
     # -- protocol -----------------------------------------------------------
+    @classmethod
+    def _predicted_nbytes(cls, params: dict[str, Any]) -> int:
+        return 16 * int(params["degree"]) * int(params["n_features"])
+
     def _params(self) -> dict[str, Any]:
         return {
             "n_features": self.n_features,

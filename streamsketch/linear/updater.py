@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._validation import as_float_matrix, as_float_vector, check_dtype_arg, check_int
-from ..base import FeatureMap, Sketch, load
+from ..base import FeatureMap, Sketch, registered_class
 
 __all__ = ["LinearAttentionState"]
 
@@ -66,15 +66,29 @@ class LinearAttentionState(Sketch):
             "dtype": self.dtype.name,
         }
 
+    @staticmethod
+    def _load_feature_map(blob: Any) -> FeatureMap:
+        if not isinstance(blob, bytes):
+            raise ValueError("feature_map must be stored as bytes")
+        # Check the claimed class before building it: a nested blob must not
+        # be able to recurse or build something that is not a map.
+        cls = registered_class(blob)
+        if not issubclass(cls, FeatureMap):
+            raise ValueError(f"feature_map holds a {cls.__name__}, not a FeatureMap")
+        fmap = cls.from_bytes(blob)
+        if type(fmap)._from_params(fmap._params()).to_bytes() != blob:
+            raise ValueError("feature_map must be stored as an empty map (parameters only)")
+        return fmap
+
+    @classmethod
+    def _predicted_nbytes(cls, params: dict[str, Any]) -> int:
+        fmap = cls._load_feature_map(params["feature_map"])
+        return fmap.nbytes + 8 * fmap.n_components * (int(params["n_targets"]) + 1)
+
     @classmethod
     def _from_params(cls, params: dict[str, Any]) -> LinearAttentionState:
         params = dict(params)
-        blob = params.pop("feature_map", None)
-        if not isinstance(blob, bytes):
-            raise ValueError("feature_map must be stored as bytes")
-        fmap = load(blob)
-        if not isinstance(fmap, FeatureMap):
-            raise ValueError(f"feature_map holds a {type(fmap).__name__}, not a FeatureMap")
+        fmap = cls._load_feature_map(params.pop("feature_map", None))
         return cls(fmap, **params)
 
     def _check_compatible(self, other: Any, argname: str = "other") -> None:
@@ -90,7 +104,10 @@ class LinearAttentionState(Sketch):
         return {"n_seen": self._n_seen}
 
     def _workspace_arrays(self) -> list[np.ndarray]:
-        return self.feature_map._workspace_arrays()
+        # The map's own state arrays (a row sketch's unused S·A) are held too.
+        return self.feature_map._workspace_arrays() + list(
+            self.feature_map._state_arrays().values()
+        )
 
     def _merge_state(self, other: LinearAttentionState) -> None:
         S, z = self._S + other._S, self._z + other._z

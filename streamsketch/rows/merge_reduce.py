@@ -313,7 +313,7 @@ class MergeReduce(Sketch):
         return cls(template.copy, params["leaf_size"])
 
     @classmethod
-    def _from_fields(cls, fields: dict[str, Any]) -> MergeReduce:
+    def _from_fields(cls, fields: dict[str, Any], blob_size: int) -> MergeReduce:
         name = cls.__name__
         layout = fields.pop("layout_version", None)
         if layout != cls._layout_version:
@@ -327,7 +327,7 @@ class MergeReduce(Sketch):
             raise ValueError(f"corrupt {name} blob: bad parameters ({exc})") from None
         n_seen, n_levels = fields.get("scalar.n_seen"), fields.get("scalar.n_levels")
         for key, value in (("n_seen", n_seen), ("n_levels", n_levels)):
-            if not isinstance(value, int) or value < 0:
+            if type(value) is not int or value < 0:
                 raise ValueError(f"corrupt {name} blob: {key!r} must be a non-negative int")
         if n_levels > _MAX_LEVELS:
             raise ValueError(f"corrupt {name} blob: {n_levels} levels")
