@@ -254,3 +254,24 @@ def test_make_called_once_and_reducers_compatible(A):
     assert isinstance(fresh, FrequentDirections) and fresh.n_seen == 0
     fresh.merge(tree.result())
     assert fresh.n_seen == 1000
+
+
+def test_positional_reducers_get_global_positions():
+    """Leaves of a position-aware reducer see each row's stream position."""
+    from streamsketch import CountSketch, UniversalSet
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((5000, 8))
+    X[[10, 700, 4000]] *= 100
+    for p in (2, 1):
+        left = MergeReduce(lambda p=p: UniversalSet(8, 0.1, p=p), 512).extend(X[:3000])
+        right = MergeReduce(lambda p=p: UniversalSet(8, 0.1, p=p), 512)
+        right.extend(X[3000:], start_index=3000)
+        got = left.merge(right).result()
+        assert np.array_equal(got.indices, [10, 700, 4000]) and got.n_seen == 5000
+    tree = MergeReduce(lambda: CountSketch(8, 16, seed=1), 300).extend(X)
+    np.testing.assert_allclose(
+        tree.result().result(), CountSketch(8, 16, seed=1).extend(X).result(), atol=1e-9
+    )
+    with pytest.raises(ValueError, match="start_index needs a reducer"):
+        MergeReduce(lambda: FrequentDirections(8, 4), 100).extend(X, start_index=5)

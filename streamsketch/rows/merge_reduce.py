@@ -23,13 +23,14 @@ same bound as a flat sketch.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .. import _serialization
-from .._validation import as_float_matrix, check_int
+from .._validation import as_float_matrix, check_index, check_int
 from ..base import Sketch, load
 
 __all__ = ["MergeReduce"]
@@ -111,6 +112,11 @@ class MergeReduce(Sketch):
         self._leaf = template.copy()
         self._buckets: list[Sketch | None] = []
         self._n_seen = 0
+        # Reducers that record stream positions (UniversalSet, the linear row
+        # sketches) get each row's global position, so leaves closed at
+        # different times still merge into the sketch of one stream.
+        self._positional = "start_index" in inspect.signature(template.extend).parameters
+        self._next_index = 0
 
     # -- protocol -----------------------------------------------------------
     def _params(self) -> dict[str, Any]:
@@ -148,11 +154,15 @@ class MergeReduce(Sketch):
     def _validate_rows(self, X: Any, name: str = "X") -> np.ndarray:
         return as_float_matrix(X, name, self.n_features, dtype=self.dtype)
 
-    def extend(self, X: Any) -> MergeReduce:
+    def extend(self, X: Any, start_index: int | None = None) -> MergeReduce:
         """Consume rows ``X`` of shape ``(k, n_features)``.
 
         Rows go into the open leaf (the reducer's ``extend``); every time it
         reaches ``leaf_size`` rows it is closed and carried into the buckets.
+        If the reducer takes stream positions (its ``extend`` has a
+        ``start_index``), every piece is passed its global position:
+        ``start_index`` (default: right after the last row consumed) plus its
+        offset in ``X``.
 
         Returns
         -------
@@ -165,15 +175,29 @@ class MergeReduce(Sketch):
             any error of the reducer. The tree is unchanged.
         """
         X = self._validate_rows(X)
+        if start_index is not None and not self._positional:
+            raise ValueError(
+                "start_index needs a reducer that takes positions; "
+                f"{self.reducer_class.__name__} does not"
+            )
+        start = self._next_index if start_index is None else check_index(start_index, "start_index")
         k = X.shape[0]
         if k == 0:
             return self
+
+        def feed(leaf: Sketch, lo: int, hi: int) -> None:
+            if self._positional:
+                leaf.extend(X[lo:hi], start_index=start + lo)
+            else:
+                leaf.extend(X[lo:hi])
+
         room = self.leaf_size - self._leaf.n_seen
         if k < room:
             # One reducer call: the reducer itself leaves its state unchanged
             # when it refuses the rows.
-            self._leaf.extend(X)
+            feed(self._leaf, 0, k)
             self._n_seen += k
+            self._next_index = start + k
             return self
         # The rows cross at least one leaf boundary: build the new leaf and
         # buckets as new objects and commit only at the end, so that an error
@@ -183,20 +207,21 @@ class MergeReduce(Sketch):
         leaf = self._leaf.copy()
         pos = 0
         while k - pos >= room:
-            leaf.extend(X[pos : pos + room])
+            feed(leaf, pos, pos + room)
             pos += room
             self._carry(buckets, leaf)
             leaf = self._template.copy()
             room = self.leaf_size
         if pos < k:
-            leaf.extend(X[pos:])
+            feed(leaf, pos, k)
         self._buckets, self._leaf = buckets, leaf
         self._n_seen += k
+        self._next_index = start + k
         return self
 
-    def update(self, x: Any) -> MergeReduce:
+    def update(self, x: Any, start_index: int | None = None) -> MergeReduce:
         """Consume one row ``x`` of shape ``(n_features,)``; same as ``extend(x[None])``."""
-        return super().update(x)
+        return super().update(x, start_index=start_index)
 
     @staticmethod
     def _carry(buckets: list[Sketch | None], carry: Sketch) -> None:
@@ -270,6 +295,7 @@ class MergeReduce(Sketch):
             buckets.pop()
         self._buckets, self._leaf = buckets, leaf
         self._n_seen += other._n_seen
+        self._next_index = max(self._next_index, other._next_index)
 
     # -- results ------------------------------------------------------------
     def result(self) -> Sketch:
@@ -294,6 +320,7 @@ class MergeReduce(Sketch):
         for name, value in self._params().items():
             fields["param." + name] = value
         fields["scalar.n_seen"] = self._n_seen
+        fields["scalar.next_index"] = self._next_index
         fields["scalar.n_levels"] = len(self._buckets)
         fields["leaf"] = self._leaf.to_bytes()
         for level, bucket in enumerate(self._buckets):
@@ -326,12 +353,14 @@ class MergeReduce(Sketch):
         except (TypeError, ValueError) as exc:
             raise ValueError(f"corrupt {name} blob: bad parameters ({exc})") from None
         n_seen, n_levels = fields.get("scalar.n_seen"), fields.get("scalar.n_levels")
-        for key, value in (("n_seen", n_seen), ("n_levels", n_levels)):
+        next_index = fields.get("scalar.next_index")
+        for key, value in (("n_seen", n_seen), ("n_levels", n_levels), ("next_index", next_index)):
             if type(value) is not int or value < 0:
                 raise ValueError(f"corrupt {name} blob: {key!r} must be a non-negative int")
         if n_levels > _MAX_LEVELS:
             raise ValueError(f"corrupt {name} blob: {n_levels} levels")
         expected = {"param.leaf_size", "param.reducer", "scalar.n_seen", "scalar.n_levels", "leaf"}
+        expected.add("scalar.next_index")
         expected |= {f"bucket.{i}" for i in range(n_levels)}
         if set(fields) != expected:
             raise ValueError(f"corrupt {name} blob: fields do not match the class")
@@ -367,5 +396,8 @@ class MergeReduce(Sketch):
             raise ValueError(f"corrupt {name} blob: trailing empty bucket")
         if total != n_seen:
             raise ValueError(f"corrupt {name} blob: n_seen does not match the reducers")
+        if next_index > 2**62 or (not tree._positional and next_index != n_seen):
+            raise ValueError(f"corrupt {name} blob: bad next_index")
         tree._leaf, tree._buckets, tree._n_seen = leaf, buckets, n_seen
+        tree._next_index = next_index
         return tree
