@@ -187,6 +187,18 @@ def check_index(value: Any, name: str) -> int:
     return check_int(value, name, minimum=0, maximum=2**62)
 
 
+def resolve_start(start_index: Any, next_index: int, n_rows: int) -> int:
+    """Global position of a block's first row: ``start_index``, or ``next_index`` when None.
+
+    Positions are non-negative and the block must end below 2**62 (hashes
+    and counters use 64-bit words).
+    """
+    start = next_index if start_index is None else check_index(start_index, "start_index")
+    if start + n_rows > 2**62:
+        raise ValueError(f"start_index + rows must stay below 2**62, got {start + n_rows}")
+    return start
+
+
 def check_dtype_arg(value: Any, name: str = "dtype") -> np.dtype:
     """Validate a sketch's ``dtype`` parameter: float32 or float64."""
     # np.dtype() parses arbitrary strings (even with ast), and maps None to

@@ -28,10 +28,9 @@ from .._validation import (
     check_finite,
     check_index,
     check_int,
+    resolve_start,
 )
 from ..base import FeatureMap, Sketch
-
-_MAX_INDEX = 2**62
 
 
 class LinearRowSketch(Sketch, FeatureMap):
@@ -102,12 +101,6 @@ class LinearRowSketch(Sketch, FeatureMap):
         """Global position that ``extend`` uses when ``start_index`` is omitted."""
         return self._next_index
 
-    def _resolve_start(self, start_index: Any, n: int) -> int:
-        start = self._next_index if start_index is None else check_index(start_index, "start_index")
-        if start + n > _MAX_INDEX:
-            raise ValueError(f"start_index + number of rows must stay below 2**62, got {start + n}")
-        return start
-
     def extend(self, X: Any, start_index: int | None = None) -> LinearRowSketch:
         """Add rows ``X`` (shape ``(k, n_features)``) at global positions ``start_index + j``.
 
@@ -135,7 +128,7 @@ class LinearRowSketch(Sketch, FeatureMap):
             ``start_index``. The state is unchanged.
         """
         X = as_float_matrix(X, "X", self.n_features, dtype=self.dtype, finite=False)
-        start = self._resolve_start(start_index, X.shape[0])
+        start = resolve_start(start_index, self._next_index, X.shape[0])
         if X.shape[0]:
             self._accumulate(X, start)
         self._n_seen += X.shape[0]
@@ -180,7 +173,7 @@ class LinearRowSketch(Sketch, FeatureMap):
         Cost: O(sketch_size * n_rows) memory.
         """
         n_rows = check_int(n_rows, "n_rows", minimum=0)
-        start = self._resolve_start(check_index(start_index, "start_index"), n_rows)
+        start = resolve_start(check_index(start_index, "start_index"), 0, n_rows)
         out = np.empty((self.sketch_size, n_rows), dtype=self.dtype)
         eye = np.eye(min(n_rows, 1024), dtype=self.dtype)  # columns in blocks: O(m n) memory
         for lo in range(0, n_rows, 1024):

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .. import _serialization
-from .._validation import as_float_matrix, check_index, check_int
+from .._validation import as_float_matrix, check_int, resolve_start
 from ..base import Sketch, load
 
 __all__ = ["MergeReduce"]
@@ -180,7 +180,7 @@ class MergeReduce(Sketch):
                 "start_index needs a reducer that takes positions; "
                 f"{self.reducer_class.__name__} does not"
             )
-        start = self._next_index if start_index is None else check_index(start_index, "start_index")
+        start = resolve_start(start_index, self._next_index, X.shape[0])
         k = X.shape[0]
         if k == 0:
             return self

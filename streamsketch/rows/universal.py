@@ -52,8 +52,8 @@ from .._validation import (
     as_float_vector,
     check_dtype_arg,
     check_float,
-    check_index,
     check_int,
+    resolve_start,
 )
 from ..base import Sketch
 
@@ -845,9 +845,7 @@ class UniversalSet(Sketch):
 
     # -- public API ---------------------------------------------------------
     def _resolve_start(self, start_index: Any, n: int) -> int:
-        start = self._next_index if start_index is None else check_index(start_index, "start_index")
-        if start + n > _MAX_INDEX:
-            raise ValueError(f"start_index + number of rows must stay below 2**62, got {start + n}")
+        start = resolve_start(start_index, self._next_index, n)
         held = self._indices[: self._n_kept]
         if n and held.size:
             lo, hi = np.searchsorted(held, [start, start + n])
