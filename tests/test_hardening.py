@@ -135,3 +135,20 @@ def test_user_class_cannot_hijack_library_name():
 
     blob = CountSketch(3, 4, seed=0).to_bytes()
     assert type(load(blob)) is streamsketch.CountSketch
+
+
+@pytest.mark.parametrize(
+    "obj, change",
+    [
+        ("FrequentDirections(4, 2)", {"param__sketch_size": 2**30}),
+        ("OnlineRidgeLeverage(4, 1.0)", {"param__n_features": 2**20}),
+        ("UniversalSet(4, 0.5)", {"param__eps": 1e-12}),
+        ("UniversalSet(4, 0.5)", {"param__n_features": 2**20}),
+    ],
+)
+def test_row_sketch_parameters_implying_huge_buffers_are_refused(obj, change):
+    import streamsketch
+
+    blob = eval(obj, vars(streamsketch)).to_bytes()
+    with pytest.raises(ValueError, match="workspace|bad parameters"):
+        load(_edit(blob, **change))

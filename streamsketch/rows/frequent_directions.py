@@ -123,6 +123,10 @@ class FrequentDirections(Sketch):
         self._n_filled = 0
 
     # -- protocol -----------------------------------------------------------
+    @classmethod
+    def _predicted_nbytes(cls, params: dict[str, Any]) -> int:
+        return 16 * int(params["sketch_size"]) * int(params["n_features"]) + 16
+
     def _params(self) -> dict[str, Any]:
         return {
             "n_features": self.n_features,

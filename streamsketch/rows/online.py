@@ -141,6 +141,10 @@ class OnlineRidgeLeverage(Sketch):
         self._since_refactor = 0
 
     # -- protocol -----------------------------------------------------------
+    @classmethod
+    def _predicted_nbytes(cls, params: dict[str, Any]) -> int:
+        return 16 * int(params["n_features"]) ** 2
+
     def _params(self) -> dict[str, Any]:
         return {
             "n_features": self.n_features,

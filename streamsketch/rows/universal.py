@@ -590,18 +590,7 @@ class UniversalSet(Sketch):
         self.dtype = check_dtype_arg(dtype)
         # p < 2 in threshold mode also bounds by Lewis weights (sum <= d).
         self._lewis_low = self.p < 2 and capacity is None
-        if self.eps > 0:
-            if self.p == 2 or self._lewis_low:
-                bound = d / self.eps
-            elif self.p < 2:
-                bound = d / self.eps ** (2.0 / self.p)
-            else:
-                bound = d ** (self.p / 2) / self.eps
-            # A hair of slack so that floor() is not fooled by eps's rounding.
-            bound = math.floor(bound * (1 + 1e-12)) if math.isfinite(bound) else math.inf
-        else:
-            bound = math.inf
-        max_kept = bound if capacity is None else min(capacity, bound)
+        max_kept = self._buffer_rows(d, self.eps, self.p, capacity)
         if max_kept * d > _MAX_BUFFER:
             raise ValueError(
                 f"eps={self.eps} needs a buffer of {max_kept} keys; raise eps or set capacity"
@@ -617,6 +606,31 @@ class UniversalSet(Sketch):
         self._next_index = 0
 
     # -- protocol -----------------------------------------------------------
+    @staticmethod
+    def _buffer_rows(d: int, eps: float, p: float, capacity: int | None) -> float:
+        """Most keys the set can ever hold (the preallocated buffer), possibly inf."""
+        if eps > 0:
+            if p == 2 or (p < 2 and capacity is None):  # Lewis certificate: sum <= d
+                bound = d / eps
+            elif p < 2:
+                bound = d / eps ** (2.0 / p)
+            else:
+                bound = d ** (p / 2) / eps
+            # A hair of slack so that floor() is not fooled by eps's rounding.
+            bound = math.floor(bound * (1 + 1e-12)) if math.isfinite(bound) else math.inf
+        else:
+            bound = math.inf
+        return bound if capacity is None else min(capacity, bound)
+
+    @classmethod
+    def _predicted_nbytes(cls, params: dict[str, Any]) -> int:
+        d, eps, p = int(params["n_features"]), float(params["eps"]), float(params["p"])
+        cap = params["capacity"]
+        rows = cls._buffer_rows(d, eps, p, None if cap is None else int(cap))
+        if not math.isfinite(rows):
+            raise ValueError("eps and capacity leave the buffer unbounded")
+        return int(rows) * (8 * d + 16) + 8 * d * d
+
     def _params(self) -> dict[str, Any]:
         return {
             "n_features": self.n_features,
