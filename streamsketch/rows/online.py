@@ -42,12 +42,16 @@ def _block_size(d: int) -> int:
     return int(min(max(32, min(256, 2 * d)), max(8, 2**18 // (d * d))))
 
 
+class _NotPositiveDefinite(Exception):
+    """A block's I + X P X^T failed its Cholesky factorisation."""
+
+
 class OnlineRidgeLeverage(Sketch):
     """Online ridge leverage scores of a row stream, with an exact Gram matrix.
 
     State: ``M = K^T K + ridge * I`` of every row ``K`` seen so far, kept in
-    float64 (the exact refactorisation source), and ``P ~= M^{-1}`` in
-    ``dtype``, updated by Woodbury/Sherman–Morrison and rebuilt from ``M``
+    float64 (the exact refactorisation source), and ``P ~= M^{-1}``, also in
+    float64, updated by Woodbury/Sherman–Morrison and rebuilt from ``M``
     (Cholesky) every ``refactor_every`` rows, so rounding in ``P`` never
     accumulates over more than ``refactor_every`` rows.
 
@@ -64,8 +68,10 @@ class OnlineRidgeLeverage(Sketch):
         ``lambda`` also sets the scale below which a direction counts as
         "not yet seen".
     dtype : {numpy.float64, numpy.float32}, default float64
-        Dtype of ``P`` and of the input rows (inputs are converted to it);
-        ``M`` is float64 whatever ``dtype`` is.
+        Dtype of the input rows (inputs are converted to it). ``M`` and ``P``
+        are float64 whatever ``dtype`` is: a float32 ``P`` turns indefinite
+        under Woodbury rounding on ill-conditioned streams (rank-deficient
+        rows with a small ridge), and the state is only ``2 d^2`` numbers.
     refactor_every : int, optional
         Rebuild ``P`` from ``M`` after this many rows (and after every
         :meth:`merge`). Default ``max(1024, 16 * n_features)``; refactoring
@@ -88,19 +94,21 @@ class OnlineRidgeLeverage(Sketch):
     ``u_i / (1 + u_i)``; ``u_i`` is formed as ``G_ii - 1 - sum_{k<i} C_ik^2``
     (no ``1 +`` rounding, so tiny scores keep their relative accuracy). The
     inverse then moves by Woodbury: ``M_new^{-1} = P - W^T W`` with
-    ``W = C^{-1} X P``. The block's products run in float64 (``P`` is only
-    *stored* in ``dtype``), so a float32 sketch loses nothing to cancellation
-    inside a block.
+    ``W = C^{-1} X P``. The block's products run in float64, so a float32
+    sketch loses nothing to cancellation inside a block. If rounding makes
+    ``G`` fail its Cholesky (a very ill-conditioned ``M``), the block is
+    retried once with ``P`` rebuilt from the exact ``M``; a second failure
+    raises ``ValueError`` asking for a larger ridge, state unchanged.
 
     **Cost.** ``extend`` of ``k`` rows: ``O(k d^2)`` time (blocks of
     ``b = clip(2d, 32, 256)`` rows cost ``O(b d^2 + b^2 d + b^3)`` each, plus
     ``O(d^3)`` per refactorisation; ``b`` shrinks to ``2^18 / d^2`` for
     ``d > 64``); workspace ``O(b d + b^2)`` besides the
     state. ``scores`` of ``k`` rows: ``O(k d^2)``. ``nbytes`` is
-    ``d^2 * (8 + itemsize)``, independent of the stream length.
+    ``16 d^2``, independent of the stream length.
 
     **Accuracy.** Between refactorisations ``P`` carries Woodbury rounding of
-    order ``unit_roundoff(dtype) * cond(M)`` per block; the refactorisation
+    order ``unit_roundoff(float64) * cond(M)`` per block; the refactorisation
     resets it to the rounding of one Cholesky of the exact ``M``. The tests
     measure the drift: after ``10^6`` float32 rows (``d = 16``) scores stay
     within ``1e-3`` relative of exact float64 ones, float64 within ``1e-8``.
@@ -136,14 +144,17 @@ class OnlineRidgeLeverage(Sketch):
         self.refactor_every = check_int(refactor_every, "refactor_every", minimum=1)
         d = self.n_features
         self._M = np.eye(d) * self.ridge
-        self._P = (np.eye(d) / self.ridge).astype(self.dtype)
+        # M^{-1} is kept in float64 whatever ``dtype``: in float32 the
+        # Woodbury updates make it indefinite on ill-conditioned streams
+        # (rank-deficient keys with a small ridge), and it is only d^2 numbers.
+        self._P = np.eye(d) / self.ridge
         self._n_seen = 0
         self._since_refactor = 0
 
     # -- protocol -----------------------------------------------------------
     @classmethod
     def _predicted_nbytes(cls, params: dict[str, Any]) -> int:
-        return 16 * int(params["n_features"]) ** 2
+        return 32 * int(params["n_features"]) ** 2
 
     def _params(self) -> dict[str, Any]:
         return {
@@ -171,25 +182,32 @@ class OnlineRidgeLeverage(Sketch):
             np.linalg.cholesky(M)
         except np.linalg.LinAlgError:
             raise ValueError(f"corrupt {name} blob: M is not positive definite") from None
+        eig = np.linalg.eigvalsh(M)
+        if eig[0] < self.ridge * (1 - 1e-9) - 1e-12 * eig[-1]:
+            raise ValueError(f"corrupt {name} blob: M - ridge I is not positive semidefinite")
+        if self._n_seen == 0 and not np.array_equal(M, np.eye(self.n_features) * self.ridge):
+            raise ValueError(f"corrupt {name} blob: an empty sketch must hold M = ridge I")
         scale = np.abs(P).max()
         if np.abs(P - P.T).max() > 1e-5 * scale or np.any(np.diag(P) <= 0):
             raise ValueError(f"corrupt {name} blob: P is not a symmetric positive inverse")
         if self._since_refactor > self.refactor_every or self._since_refactor > self._n_seen:
             raise ValueError(f"corrupt {name} blob: since_refactor is out of range")
-        # P must be the inverse of M up to the drift refactor_every allows.
-        eig = np.linalg.eigvalsh(M)
-        tol = max(1e-2, 1e3 * np.finfo(self.dtype).eps * eig[-1] / eig[0])
+        # P must be the inverse of M up to the float64 drift refactor_every allows.
+        tol = min(0.1, max(1e-6, 1e3 * np.finfo(np.float64).eps * eig[-1] / eig[0]))
         resid = np.abs(P.astype(np.float64) @ M - np.eye(self.n_features)).max()
         if not resid < tol:
             raise ValueError(f"corrupt {name} blob: P is not the inverse of M")
 
     # -- core -----------------------------------------------------------------
     @staticmethod
-    def _inverse(M: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    def _inverse(M: np.ndarray) -> np.ndarray:
         try:
             L = scipy.linalg.cholesky(M, lower=True, check_finite=False)
         except np.linalg.LinAlgError:
-            raise ValueError("the Gram matrix is not positive definite (overflow?)") from None
+            raise ValueError(
+                "the Gram matrix is numerically singular in float64 (overflow, or a "
+                "ridge too small for the rows' scale); raise ridge"
+            ) from None
         # M^{-1} = L^{-T} L^{-1}; LAPACK trtri plus one product avoids a
         # triangular solve with d right-hand sides (threaded, slow when busy).
         Linv, info = scipy.linalg.lapack.dtrtri(L, lower=1)
@@ -197,8 +215,7 @@ class OnlineRidgeLeverage(Sketch):
             raise ValueError("the Gram matrix is singular")
         Linv = np.tril(Linv)
         P = Linv.T @ Linv
-        P = 0.5 * (P + P.T)
-        return P.astype(dtype)
+        return 0.5 * (P + P.T)
 
     def _block(
         self, X: np.ndarray, M: np.ndarray, P: np.ndarray, out: np.ndarray
@@ -219,7 +236,7 @@ class OnlineRidgeLeverage(Sketch):
         try:
             C = scipy.linalg.cholesky(G, lower=True, check_finite=False)
         except np.linalg.LinAlgError:
-            raise ValueError("X is too large: the update is not positive definite") from None
+            raise _NotPositiveDefinite from None
         off = np.tril(C, -1)
         u = np.maximum(u0 - np.einsum("ij,ij->i", off, off), 0.0)
         out[:] = u / (1.0 + u)
@@ -230,7 +247,7 @@ class OnlineRidgeLeverage(Sketch):
             raise ValueError("X is too large: the update is singular")
         W = np.tril(Cinv) @ XP
         with np.errstate(over="ignore", invalid="ignore"):
-            P = (P.astype(np.float64, copy=False) - W.T @ W).astype(P.dtype)
+            P = P - W.T @ W
             M = M + X64.T @ X64
         if not (np.isfinite(M).all() and np.isfinite(P).all()):
             raise ValueError("X is too large: the Gram matrix overflows")
@@ -269,10 +286,21 @@ class OnlineRidgeLeverage(Sketch):
             # Blocks end at refactorisation points, so where refactoring
             # happens depends only on n_seen, not on how the stream is chunked.
             hi = min(k, lo + step, lo + self.refactor_every - since)
-            M, P = self._block(X[lo:hi], M, P, out[lo:hi])
+            try:
+                M, P = self._block(X[lo:hi], M, P, out[lo:hi])
+            except _NotPositiveDefinite:
+                # Rounding in the Woodbury-updated inverse can make I + X P X^T
+                # indefinite on ill-conditioned streams: retry from the exact M.
+                try:
+                    M, P = self._block(X[lo:hi], M, self._inverse(M), out[lo:hi])
+                except _NotPositiveDefinite:
+                    raise ValueError(
+                        f"X: the stream is too ill-conditioned for ridge={self.ridge:g} "
+                        "(I + X M^-1 X^T is not positive definite in float64); raise ridge"
+                    ) from None
             since += hi - lo
             if since >= self.refactor_every:
-                P = self._inverse(M, self.dtype)
+                P = self._inverse(M)
                 since = 0
             lo = hi
         self._M, self._P, self._since_refactor = M, P, since
@@ -311,7 +339,7 @@ class OnlineRidgeLeverage(Sketch):
 
     def refactor(self) -> OnlineRidgeLeverage:
         """Rebuild ``P`` from the exact ``M`` now (Cholesky, O(d^3)). Returns self."""
-        self._P = self._inverse(self._M, self.dtype)
+        self._P = self._inverse(self._M)
         self._since_refactor = 0
         return self
 
@@ -320,7 +348,7 @@ class OnlineRidgeLeverage(Sketch):
         M[np.diag_indices(self.n_features)] -= self.ridge
         if not np.isfinite(M).all():
             raise ValueError("other cannot be merged: the Gram matrix overflows")
-        P = self._inverse(M, self.dtype)
+        P = self._inverse(M)
         self._M, self._P = M, P
         self._since_refactor = 0
         self._n_seen += other._n_seen
@@ -333,5 +361,5 @@ class OnlineRidgeLeverage(Sketch):
 
     @property
     def inverse(self) -> np.ndarray:
-        """The maintained ``M^{-1}``, (d, d) in ``dtype`` (a copy)."""
+        """The maintained ``M^{-1}``, (d, d) float64 (a copy)."""
         return self._P.copy()
