@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["num_threads", "run_chunks", "split_rows"]
+__all__ = ["fixed_chunks", "num_threads", "run_chunks", "split_rows"]
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -56,8 +56,24 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def split_rows(n: int, min_rows: int) -> list[tuple[int, int]]:
-    """Split ``range(n)`` into at most ``num_threads()`` ranges of >= ``min_rows`` rows."""
+    """Split ``range(n)`` into at most ``num_threads()`` ranges of >= ``min_rows`` rows.
+
+    For work whose rows are independent (feature maps): the split may vary
+    with the thread count. Reductions use :func:`fixed_chunks`.
+    """
     parts = max(1, min(num_threads(), n // max(1, min_rows)))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def fixed_chunks(n: int, min_rows: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` into ranges of ``min_rows`` to ``2 * min_rows`` rows.
+
+    The split depends only on ``n`` and ``min_rows``, never on the thread
+    count, so a reduction that adds the ranges' partial results in list order
+    gives the same bits on every machine.
+    """
+    parts = max(1, n // max(1, min_rows))
     bounds = [n * i // parts for i in range(parts + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 

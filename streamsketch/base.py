@@ -168,7 +168,15 @@ class Serializable(abc.ABC):
                     f"the blob's {blob_size} plus MAX_LOAD_WORKSPACE_BYTES"
                 )
             obj = cls._from_params(params)
-        except (TypeError, ValueError, KeyError, OverflowError, MemoryError) as exc:
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            OverflowError,
+            ZeroDivisionError,
+            MemoryError,
+            RecursionError,
+        ) as exc:
             raise ValueError(f"corrupt {cls.__name__} blob: bad parameters ({exc})") from None
         # The parameters must be exactly those the object reports: nothing
         # missing (filled by a default or fresh entropy) and nothing coerced.

@@ -152,3 +152,34 @@ def test_row_sketch_parameters_implying_huge_buffers_are_refused(obj, change):
     blob = eval(obj, vars(streamsketch)).to_bytes()
     with pytest.raises(ValueError, match="workspace|bad parameters"):
         load(_edit(blob, **change))
+
+
+def test_nested_merge_reduce_blobs_are_refused():
+    from streamsketch import FrequentDirections, MergeReduce
+
+    inner = MergeReduce(lambda: FrequentDirections(3, 2), 4)
+    with pytest.raises(TypeError, match="make\\(\\) must return a Sketch"):
+        MergeReduce(lambda: inner, 4)
+    outer = MergeReduce(lambda: FrequentDirections(3, 2), 4).to_bytes()
+    with pytest.raises(ValueError, match="cannot be a MergeReduce"):
+        load(_edit(outer, param__reducer=inner.to_bytes()))
+
+
+def test_forged_frequent_directions_buffer_is_refused():
+    from streamsketch import FrequentDirections
+
+    fd = FrequentDirections(3, 2).extend(np.arange(12.0).reshape(4, 3))
+    name, fields = loads(fd.to_bytes())
+    fields["array.buffer"] = fields["array.buffer"] * 1e100
+    with pytest.raises(ValueError, match="exceed the stream's norm"):
+        load(dumps(name, fields))
+
+
+def test_reductions_do_not_depend_on_thread_count(monkeypatch, rng):
+    from streamsketch import UniversalSet
+
+    X = rng.standard_normal((40000, 16))
+    ref = UniversalSet(16, 0.002).extend(X).to_bytes()
+    for threads in (1, 3):
+        monkeypatch.setattr(parallel, "num_threads", lambda t=threads: t)
+        assert UniversalSet(16, 0.002).extend(X).to_bytes() == ref

@@ -489,3 +489,23 @@ def test_same_stream_bit_identical(rng):
     a = UniversalSet(6, 0.05).extend(K).to_bytes()
     b = UniversalSet(6, 0.05).extend(K).to_bytes()
     assert a == b
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 1.0, 3.0])
+def test_graded_keys_small_p_are_certified_not_crashing(p):
+    """Row norms over e^-10..e^10: the Lewis certificate works in logs and stays an upper bound."""
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((2000, 5)) * np.exp(rng.uniform(-10, 10, 2000))[:, None]
+    us = UniversalSet(5, 0.5, p=p).extend(B)
+    big = np.argsort(-np.linalg.norm(B, axis=1))[:50]
+    Q = np.vstack([rng.standard_normal((5000, 5)), (np.linalg.pinv(B.T @ B) @ B[big].T).T])
+    assert heavy_keys(Q, B, 0.5, p) <= set(us.indices.tolist())
+
+
+@pytest.mark.parametrize("kwargs", [dict(p=1e-3, capacity=10), dict(p=1000.0), dict(p=0.0)])
+def test_extreme_parameters_give_value_errors_or_work(kwargs):
+    try:
+        us = UniversalSet(4, 0.5, **kwargs)
+    except ValueError:
+        return
+    assert us.max_kept <= 10

@@ -153,6 +153,15 @@ class FrequentDirections(Sketch):
         if self._n_seen == 0 and np.any(self._stats):
             raise ValueError("corrupt FrequentDirections blob: an empty sketch with statistics")
         self._check_norm(float(self._stats[1]), "corrupt FrequentDirections blob: norm")
+        # Every shrink removes at least sketch_size * delta of squared mass
+        # from what the buffer holds, so l * Delta + ||B||_F^2 <= ||A||_F^2.
+        frob_sq = float(self._stats[1])
+        held = float(np.sum(self._buf[: self._n_filled].astype(np.float64) ** 2))
+        slack = 1e-6 * frob_sq + 1e-300
+        if held + self.sketch_size * float(self._stats[0]) > frob_sq + slack:
+            raise ValueError(
+                "corrupt FrequentDirections blob: buffer and shrinkage exceed the stream's norm"
+            )
 
     def _check_norm(self, frob_sq: float, what: str) -> None:
         # Every singular value of the buffer is at most ‖A‖_F, so keeping

@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import _serialization
 from .._validation import as_float_matrix, check_int, resolve_start
-from ..base import Sketch, load
+from ..base import Sketch, load, registered_class
 
 __all__ = ["MergeReduce"]
 
@@ -101,7 +101,7 @@ class MergeReduce(Sketch):
             raise TypeError(f"make must be a zero-argument callable, got {type(make).__name__}")
         self.leaf_size = check_int(leaf_size, "leaf_size", minimum=1)
         template = make()
-        if not isinstance(template, Sketch):
+        if not isinstance(template, Sketch) or isinstance(template, MergeReduce):
             raise TypeError(f"make() must return a Sketch, got {type(template).__name__}")
         if template.n_seen != 0:
             raise ValueError(f"make() must return an empty sketch, got n_seen={template.n_seen}")
@@ -334,6 +334,10 @@ class MergeReduce(Sketch):
         blob = params["reducer"]
         if not isinstance(blob, bytes):
             raise ValueError("the reducer parameter must be a nested blob")
+        # A tree of trees is never needed and would let a blob nest without
+        # bound: refuse it before loading anything.
+        if registered_class(blob) is cls:
+            raise ValueError("the reducer of a MergeReduce cannot be a MergeReduce")
         template = load(blob)
         if not isinstance(template, Sketch):
             raise ValueError(f"the reducer must be a Sketch, got {type(template).__name__}")
