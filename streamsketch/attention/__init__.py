@@ -8,5 +8,6 @@ This subpackage imports torch; the rest of streamsketch does not.
 
 from ._layer import AttentionLayer
 from .exact import exact_attention
+from .lev import LevAttention, lev_attention
 
-__all__ = ["AttentionLayer", "exact_attention"]
+__all__ = ["AttentionLayer", "LevAttention", "exact_attention", "lev_attention"]
