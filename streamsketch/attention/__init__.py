@@ -8,6 +8,14 @@ This subpackage imports torch; the rest of streamsketch does not.
 
 from ._layer import AttentionLayer
 from .exact import exact_attention
+from .hyper import HyperAttention, hyper_attention
 from .lev import LevAttention, lev_attention
 
-__all__ = ["AttentionLayer", "LevAttention", "exact_attention", "lev_attention"]
+__all__ = [
+    "AttentionLayer",
+    "HyperAttention",
+    "LevAttention",
+    "exact_attention",
+    "hyper_attention",
+    "lev_attention",
+]
