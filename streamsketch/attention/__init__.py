@@ -10,12 +10,16 @@ from ._layer import AttentionLayer
 from .exact import exact_attention
 from .hyper import HyperAttention, hyper_attention
 from .lev import LevAttention, lev_attention
+from .polysketch import PolySketchAttention, PolySketchMap, polysketch_attention
 
 __all__ = [
     "AttentionLayer",
     "HyperAttention",
     "LevAttention",
+    "PolySketchAttention",
+    "PolySketchMap",
     "exact_attention",
     "hyper_attention",
     "lev_attention",
+    "polysketch_attention",
 ]
