@@ -1,0 +1,256 @@
+"""Train a small model with each attention layer on long-range associative recall.
+
+Task (one key-value pair per position, content-addressed recall over a long
+gap): a sequence of length ``L`` holds
+
+- ``pairs`` positions ``(key_i, value_i)`` with distinct random keys,
+- filler positions (random tokens from a small filler vocabulary, no value),
+- ``queries`` final positions ``(key, -)``, each asking for the value stored
+  with one of the earlier keys.
+
+Each position's input is ``E_key[key or filler] + E_val[value or NULL]``; the
+model predicts the value at the query positions (chance ``1 / n_values``).
+The stored pairs sit at the start and the queries at the end, so every
+answer lies ``~L`` positions back: far outside any window, in an earlier
+block than the query for the blocked/chunked algorithms, so a layer can only
+solve it if its long-range part (LevAttention's selected keys, HyperAttention's
+LSH blocks and samples, PolySketch's sketched prefix) carries the answer.
+
+Model: token embeddings, 2 x [pre-norm attention + pre-norm MLP, residual],
+final norm, linear head; trained with Adam on fresh random batches.
+
+Layer types (``--layer``), with settings scaled to ``L`` so that each one's
+approximation is actually used at this length:
+
+- ``exact``: softmax attention through ``scaled_dot_product_attention`` (baseline);
+- ``lev``: ``LevAttention`` (softmax, ``budget`` selected keys, a short window,
+  queries in chunks of ``L/8`` so the far keys come only from the selected set);
+- ``hyper``: ``HyperAttention`` with ``min_seq_len = L/4`` and blocks/samples of
+  ``L/8``;
+- ``polysketch``: ``PolySketchAttention`` (degree 4, sketch size 32, learned
+  sketch, blocks of ``L/8``).
+
+Usage: ``python examples/train_attention.py [--layer all|exact|lev|hyper|polysketch]
+[--steps 300] [--seq-len 128] [--batch 32] [--threads 1] [--seed 0]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamsketch.attention._layer import AttentionLayer
+
+LAYERS = ("exact", "lev", "hyper", "polysketch")
+
+
+class SDPAAttention(AttentionLayer):
+    """Exact softmax attention (the baseline): torch's fused SDPA."""
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, enable_gqa=q.shape[1] != k.shape[1]
+        )
+
+
+def make_attention(kind: str, embed_dim: int, num_heads: int, seq_len: int) -> AttentionLayer:
+    """One attention layer of the given kind, its settings scaled to ``seq_len``."""
+    block = max(8, seq_len // 8)
+    if kind == "exact":
+        return SDPAAttention(embed_dim, num_heads, causal=True)
+    if kind == "lev":
+        from streamsketch.attention.lev import LevAttention
+
+        # The set only has to hold the few distinct pair keys; the filler keys
+        # repeat, so their leverage is low and they are the ones dropped.
+        return LevAttention(
+            embed_dim, num_heads, causal=True, budget=block // 2, window=8, chunk_size=block
+        )
+    if kind == "hyper":
+        from streamsketch.attention.hyper import HyperAttention
+
+        return HyperAttention(
+            embed_dim,
+            num_heads,
+            causal=True,
+            block_size=block,
+            sample_size=block,
+            min_seq_len=max(2 * block, seq_len // 4),
+        )
+    if kind == "polysketch":
+        from streamsketch.attention.polysketch import PolySketchAttention
+
+        return PolySketchAttention(
+            embed_dim,
+            num_heads,
+            causal=True,
+            degree=4,
+            sketch_size=32,
+            block_size=block,
+            learned=True,
+            seed=0,
+        )
+    raise ValueError(f"layer must be one of {LAYERS}, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class Task:
+    """Sizes of the associative-recall task."""
+
+    seq_len: int = 128
+    pairs: int = 8
+    queries: int = 16
+    n_keys: int = 32
+    n_values: int = 16
+    n_filler: int = 16
+
+    def __post_init__(self) -> None:
+        if self.pairs + self.queries > self.seq_len:
+            raise ValueError("seq_len must hold pairs + queries positions")
+        if self.pairs > self.n_keys:
+            raise ValueError("pairs must be <= n_keys (keys are distinct)")
+
+    def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """``(keys, values, targets)``, each ``(size, seq_len)`` int64; target -100 = no loss."""
+        L, P, Q = self.seq_len, self.pairs, self.queries
+        keys = self.n_keys + torch.randint(self.n_filler, (size, L), generator=gen)
+        values = torch.full((size, L), self.n_values)  # NULL
+        targets = torch.full((size, L), -100)
+        pair_keys = torch.rand(size, self.n_keys, generator=gen).argsort(dim=1)[:, :P]
+        pair_vals = torch.randint(self.n_values, (size, P), generator=gen)
+        keys[:, :P], values[:, :P] = pair_keys, pair_vals
+        which = torch.randint(P, (size, Q), generator=gen)
+        keys[:, L - Q :] = pair_keys.gather(1, which)
+        targets[:, L - Q :] = pair_vals.gather(1, which)
+        return keys, values, targets
+
+
+class Block(nn.Module):
+    def __init__(self, attn: AttentionLayer, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), attn
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class RecallModel(nn.Module):
+    """Embeddings, 2 pre-norm blocks with the chosen attention, head over the values."""
+
+    def __init__(
+        self, kind: str, task: Task, dim: int = 64, num_heads: int = 2, layers: int = 2
+    ) -> None:
+        super().__init__()
+        self.key_emb = nn.Embedding(task.n_keys + task.n_filler, dim)
+        self.val_emb = nn.Embedding(task.n_values + 1, dim)
+        self.blocks = nn.ModuleList(
+            Block(make_attention(kind, dim, num_heads, task.seq_len), dim) for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, task.n_values)
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        x = self.key_emb(keys) + self.val_emb(values)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def accuracy(model: RecallModel, task: Task, gen: torch.Generator, batches: int = 4) -> float:
+    """Fraction of query positions answered correctly on fresh batches."""
+    model.eval()
+    hit = total = 0
+    with torch.no_grad():
+        for _ in range(batches):
+            keys, values, targets = task.batch(64, gen)
+            pred = model(keys, values).argmax(-1)
+            mask = targets >= 0
+            hit += int((pred[mask] == targets[mask]).sum())
+            total += int(mask.sum())
+    model.train()
+    return hit / total
+
+
+def train(
+    kind: str,
+    task: Task,
+    steps: int,
+    batch: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log_every: int = 0,
+) -> dict[str, float]:
+    """Train one layer type; returns first/last loss, final accuracy and seconds."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = RecallModel(kind, task)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        keys, values, targets = task.batch(batch, gen)
+        logits = model(keys, values)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  {kind} step {step + 1}: loss {sum(losses[-log_every:]) / log_every:.3f}")
+    seconds = time.perf_counter() - t0
+    k = max(1, min(20, steps // 10))
+    return {
+        "first_loss": sum(losses[:k]) / k,
+        "last_loss": sum(losses[-k:]) / k,
+        "accuracy": accuracy(model, task, torch.Generator().manual_seed(seed + 12345)),
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layer", choices=("all", *LAYERS), default="all")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=100)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    task = Task(seq_len=args.seq_len)
+    print(
+        f"associative recall: L={task.seq_len}, {task.pairs} pairs at the start, "
+        f"{task.queries} queries at the end, {task.n_values} values (chance "
+        f"{1 / task.n_values:.3f}); {args.steps} steps of batch {args.batch}"
+    )
+    kinds = LAYERS if args.layer == "all" else (args.layer,)
+    results = {}
+    for kind in kinds:
+        results[kind] = r = train(
+            kind, task, args.steps, args.batch, args.lr, args.seed, args.log_every
+        )
+        print(
+            f"{kind}: loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, "
+            f"accuracy {r['accuracy']:.3f}, {r['seconds']:.1f} s"
+        )
+    print("\n| layer | accuracy | final loss | train time (s) |")
+    print("|---|---|---|---|")
+    for kind, r in results.items():
+        print(f"| {kind} | {r['accuracy']:.3f} | {r['last_loss']:.3f} | {r['seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
