@@ -23,8 +23,10 @@ def _load_example():
 
 ex = _load_example()
 
-# Short sequences keep each run to seconds; the settings still force every
-# approximation to be used (chunks/blocks of L/8 = 8, hyper's min_seq_len 16).
+# Short sequences keep each run to seconds (about 5-20 s per layer type, under
+# a minute for all four); the settings still force every approximation to be
+# used (lev: budget 8, window 8, chunks of 8; hyper: blocks and samples of 8,
+# exact leaves of 16; polysketch: blocks of 8, sketch width 16).
 TASK = ex.Task(seq_len=64, pairs=4, queries=8, n_keys=16, n_values=8, n_filler=8)
 
 
@@ -50,11 +52,28 @@ def test_layer_learns_recall(kind):
     torch.set_num_threads(1)
     r = ex.train(kind, TASK, steps=150, batch=32, lr=3e-3, seed=0)
     chance = 1 / TASK.n_values
-    # chance-level loss is log(8) = 2.08; learning the recall drives it far below
-    assert r["last_loss"] < 0.5 * r["first_loss"], r
-    assert r["accuracy"] > 4 * chance, r
+    # Chance-level loss is log(8) = 2.08; learning the recall drives it far
+    # below (measured: final loss 0.008-0.13, accuracy 0.98-1.0 for all four).
+    assert r["last_loss"] < 0.25 * r["first_loss"], r
+    assert r["accuracy"] > 0.8 > 6 * chance, r
+
+
+def test_settings_use_the_approximation():
+    # the long-range parts must be in use at the test length, not bypassed
+    L = TASK.seq_len
+    lev = ex.layer_settings("lev", L)
+    assert lev["window"] + lev["chunk_size"] < L - TASK.queries - TASK.pairs
+    assert lev["budget"] < L // 2
+    hyper = ex.layer_settings("hyper", L)
+    assert hyper["min_seq_len"] < L and hyper["block_size"] < L
+    assert ex.layer_settings("polysketch", L)["block_size"] < L - TASK.queries - TASK.pairs
+    for kind in ex.LAYERS:
+        layer = ex.make_attention(kind, 32, 2, L)
+        assert layer.causal
 
 
 def test_unknown_layer_rejected():
     with pytest.raises(ValueError, match="layer"):
         ex.make_attention("nope", 32, 2, 64)
+    with pytest.raises(ValueError, match="layer"):
+        ex.layer_settings("nope", 64)
