@@ -99,24 +99,17 @@ def _check_options(
 
 @contextlib.contextmanager
 def _selection_mode(device: torch.device) -> Iterator[None]:
-    """No autograd, and on CPU single-threaded LAPACK for the small factorisations.
+    """The selection runs without autograd: keys are chosen, not differentiated.
 
-    Torch runs batched LAPACK as a loop of small calls, each threaded by the
-    BLAS library; on a loaded machine every call then waits for descheduled
-    threads (measured on 2 busy cores: a batch of 16 SVDs of 64 x 64 took
-    5.8 s with 2 threads, 17 ms with 1; QR of 16 x 512 x 64 370 ms vs 15 ms).
-    The setting is process-wide and restored on exit.
+    It deliberately leaves torch's thread count alone (a process-wide
+    setting): on a quiet 2-core machine batched small factorisations ran as
+    fast with 2 threads as with 1 (16 SVDs of 64 x 64: 6.6 vs 6.7 ms); only an
+    oversubscribed machine makes threaded LAPACK slow, and that is the
+    caller's to tune with ``torch.set_num_threads``.
     """
+    del device
     with torch.no_grad():
-        if device.type != "cpu":
-            yield
-            return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+        yield
 
 
 def _whitener(R: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -450,10 +443,9 @@ def lev_attention(
     are read from the SVD of ``R`` with singular values below
     ``1e-12 s_max`` counted as zero (rank-deficient keys are fine: a key
     outside the span of the others scores 1). Attention is computed in
-    float32 for half-precision inputs and returned in ``q.dtype``. On CPU the
-    selection's small factorisations run with one torch thread (restored
-    afterwards; see ``_selection_mode``). Deterministic: no randomness is
-    involved, so there is no ``seed``.
+    float32 for half-precision inputs and returned in ``q.dtype``. The
+    selection leaves torch's thread count alone (see ``_selection_mode``).
+    Deterministic: no randomness is involved, so there is no ``seed``.
 
     **Cost** per (batch, kv head), ``n = n_k``: selection O(n d^2) for the QR
     updates plus O((|U| + chunk) d^2 + d^3) per block to rescore the
@@ -476,8 +468,7 @@ def lev_attention(
         scale = d**-0.5
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     # Phase 1, selection: the set each query block attends to (all blocks in
-    # one no-grad, single-threaded section: switching the CPU thread count
-    # per block costs more than the block).
+    # one no-grad section).
     blocks = []  # (a, b, own-block start, selected idx, valid)
     with _selection_mode(dev):
         if not bool(torch.isfinite(k).all()):
