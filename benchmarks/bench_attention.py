@@ -20,8 +20,6 @@ Usage: ``python benchmarks/bench_attention.py [--quick] [--device cpu|cuda]
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import load_average, machine
 
 from streamsketch.attention.hyper import hyper_attention
 from streamsketch.attention.lev import lev_attention
@@ -130,7 +129,7 @@ def main() -> None:
 
     for fn in candidates(*qkv(ns[0]), args).values():  # warm-up: allocator, lazy init
         run(fn)
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_before = load_average()
     times: dict[str, dict[int, float]] = {}
     for n in ns:
         fns = candidates(*qkv(n), args)
@@ -144,7 +143,7 @@ def main() -> None:
             f"n={n}: "
             + ", ".join(f"{name} {t:.3f}s ({best['SDPA'] / t:.2f}x)" for name, t in best.items())
         )
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_after = load_average()
 
     log_n = np.log(np.array(ns, dtype=float))
     slopes = {
@@ -154,8 +153,7 @@ def main() -> None:
     where = (
         f"{torch.cuda.get_device_name(device)}"
         if device.type == "cuda"
-        else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch threads {torch.get_num_threads()}"
+        else f"CPU {machine()}, torch threads {torch.get_num_threads()}"
     )
     lines = [
         "# Attention speed against torch scaled_dot_product_attention",

@@ -31,13 +31,12 @@ Usage: ``python benchmarks/bench_attention_accuracy.py [--quick] [--n 4096 16384
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import machine
 
 from streamsketch.attention.exact import exact_attention
 from streamsketch.attention.hyper import hyper_attention
@@ -219,7 +218,7 @@ def main() -> None:
         "# Attention accuracy: relative error against exact attention",
         "",
         "`||out - exact||_F / ||exact||_F`, causal, float32, CPU "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"({machine()}, "
         f"torch {torch.__version__}, {args.threads} threads). Time is one call, for "
         "orientation only (see `bench_attention.py` for speed).",
         "",

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from _common import best_times, blas_info, load_average, machine
 
 from streamsketch.rows.leverage import leverage_scores
 
@@ -40,18 +39,6 @@ def numpy_qr_scores(A: np.ndarray, ridge: float = 0.0) -> np.ndarray:
     return np.einsum("ij,ij->i", Q, Q)
 
 
-def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """Warm up each callable once, then interleave ``repeats`` timed rounds."""
-    results = {name: fn() for name, fn in fns.items()}
-    best = dict.fromkeys(fns, math.inf)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best, results
-
-
 def make_matrices(n: int, d: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     gauss = rng.standard_normal((n, d))
@@ -59,15 +46,6 @@ def make_matrices(n: int, d: int, seed: int) -> dict[str, np.ndarray]:
     # A few rows with leverage ~ 1: the case where uniform sampling fails.
     coherent[rng.choice(n, 5, replace=False)] *= 1e4
     return {"gaussian": gauss, "coherent (5 rows x 1e4)": coherent}
-
-
-def blas_info() -> str:
-    try:
-        cfg = np.show_config(mode="dicts")
-        blas = cfg["Build Dependencies"]["blas"]
-        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:  # show_config's layout is not a stable API
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     if output is None and not args.quick:
         output = Path(__file__).resolve().parent / "results" / "leverage.md"
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     env = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{machine()}, "
         f"BLAS {blas_info()}, "
         f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
-        f"numpy {np.__version__}, load average at start {load[0]:.2f}"
+        f"numpy {np.__version__}, load average at start {load_average():.2f}"
     )
     print(f"leverage scores, A of shape ({n}, {d}), best of {repeats}; {env}")
 

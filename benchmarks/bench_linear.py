@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,24 +35,12 @@ import numpy as np
 import scipy
 import scipy.linalg
 import sklearn
+from _common import best_times, load_average, machine
 from sklearn.kernel_approximation import PolynomialCountSketch
 
 from streamsketch._parallel import num_threads
 from streamsketch.linear.countsketch import countsketch
 from streamsketch.linear.tensorsketch import TensorSketch
-
-
-def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best wall time of each callable; one warm-up call each, then alternating repeats."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def pair_errors(
@@ -99,7 +85,7 @@ def bench_countsketch(A: np.ndarray, m: int, repeats: int) -> dict[str, float]:
             "sum": lambda: A.sum(axis=0),
         },
         repeats,
-    )
+    )[0]
 
 
 def main() -> None:
@@ -118,7 +104,7 @@ def main() -> None:
     n_ts, d_ts, p_ts, m_ts = (4_000, 64, 4, 1024) if args.quick else (20_000, 64, 4, 1024)
     n_pairs, n_seeds = (100, 2) if args.quick else (300, 10)
 
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_before = load_average()
     rng = np.random.default_rng(0)
     rows: list[tuple[str, str, float, str, float]] = []
 
@@ -152,7 +138,7 @@ def main() -> None:
             "sklearn": lambda: sklearn_ts(X),
         },
         repeats,
-    )
+    )[0]
     ts_case = f"TensorSketch p={p_ts}, X {n_ts}x{d_ts}, m={m_ts}"
     peer = "sklearn PolynomialCountSketch fit+transform"
     rows.append((ts_case, peer, t["ours"], "", t["sklearn"]))
@@ -165,12 +151,12 @@ def main() -> None:
     exact_mean = float(np.mean(np.einsum("ij,ij->i", X[pairs[:, 0]], X[pairs[:, 1]]) ** 4))
 
     # -- report ------------------------------------------------------------
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_after = load_average()
     lines = [
         "# Linear sketches vs peers",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, streamsketch threads {num_threads()}; "
+        f"Machine: {machine()}, "
+        f"streamsketch threads {num_threads()}; "
         f"numpy {np.__version__}, scipy {scipy.__version__}, sklearn {sklearn.__version__}. "
         f"Best of {repeats} (after a warm-up){', --quick sizes' if args.quick else ''}. "
         f"1-min load average {load_before:.2f} before, {load_after:.2f} after "

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from _common import best_times, blas_info, load_average, machine
 
 from streamsketch.rows.universal import UniversalSet
 
@@ -65,26 +64,6 @@ def make_keys(n: int, d: int, seed: int) -> dict[str, tuple[np.ndarray, int]]:
     }
 
 
-def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
-    results = {name: fn() for name, fn in fns.items()}
-    best = dict.fromkeys(fns, math.inf)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best, results
-
-
-def blas_info() -> str:
-    try:
-        cfg = np.show_config(mode="dicts")
-        blas = cfg["Build Dependencies"]["blas"]
-        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:  # show_config's layout is not a stable API
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2e5 x 64, 1 repeat, no file")
@@ -109,12 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     if output is None and not args.quick:
         output = Path(__file__).resolve().parent / "results" / "universal.md"
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     env = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{machine()}, "
         f"BLAS {blas_info()}, "
         f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
-        f"numpy {np.__version__}, load average at start {load[0]:.2f}"
+        f"numpy {np.__version__}, load average at start {load_average():.2f}"
     )
     print(
         f"universal set, keys ({n}, {d}) float64, eps {eps}, chunks of {chunk}, "
