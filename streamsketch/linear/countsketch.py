@@ -32,7 +32,11 @@ _UNIT = 16384
 
 @numba.njit(nogil=True, cache=True)
 def _scatter_rows(X, key, start, lo, hi, out):  # pragma: no cover - compiled
-    """``out[h(i)] += s(i) * X[i]`` for ``lo <= i < hi`` (global index ``start + i``)."""
+    """``out[h(i)] += s(i) * X[i]`` for ``lo <= i < hi`` (global index ``start + i``).
+
+    Hashes inline (the formula of ``hashed_buckets_signs``, checked equal by
+    the tests through ``sketch_matrix``) so the hot loop needs no index arrays.
+    """
     m = np.uint64(out.shape[0])
     k = np.uint64(key)
     d = X.shape[1]
@@ -50,15 +54,10 @@ def _scatter_rows(X, key, start, lo, hi, out):  # pragma: no cover - compiled
 @numba.njit(nogil=True, cache=True)
 def _scatter_cols(X, key, lo, hi, out):  # pragma: no cover - compiled
     """Feature map: ``out[i, h(f)] += s(f) * X[i, f]`` for rows ``lo <= i < hi``."""
-    m = np.uint64(out.shape[1])
-    k = np.uint64(key)
     d = X.shape[1]
     buckets = np.empty(d, np.int64)
     signs = np.empty(d, X.dtype)
-    for f in range(d):
-        h = hash_index(k, np.uint64(f))
-        buckets[f] = np.int64(((h >> np.uint64(32)) * m) >> np.uint64(32))
-        signs[f] = 1.0 if (h & np.uint64(1)) else -1.0
+    hashed_buckets_signs(key, 0, d, out.shape[1], buckets, signs)
     for i in range(lo, hi):
         for f in range(d):
             out[i, buckets[f]] += signs[f] * X[i, f]
