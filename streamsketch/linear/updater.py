@@ -52,6 +52,8 @@ class LinearAttentionState(Sketch):
         # An empty twin: the user's object may go on changing (a row sketch
         # keeps streaming), the map it defines does not.
         self.feature_map = type(feature_map)._from_params(feature_map._params())
+        # The map never changes: serialise it once, not on every merge check.
+        self._feature_map_blob = self.feature_map.to_bytes()
         self.n_features = self.feature_map.n_features
         m = self.feature_map.n_components
         self._S = np.zeros((m, self.n_targets), dtype=self.dtype)
@@ -61,7 +63,7 @@ class LinearAttentionState(Sketch):
     # -- protocol hooks ------------------------------------------------------
     def _params(self) -> dict[str, Any]:
         return {
-            "feature_map": self.feature_map.to_bytes(),
+            "feature_map": self._feature_map_blob,
             "n_targets": self.n_targets,
             "dtype": self.dtype.name,
         }
