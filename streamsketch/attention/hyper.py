@@ -3,14 +3,16 @@
 Han, Jayaram, Karbasi, Mirrokni, Woodruff, Zandieh, "HyperAttention:
 Long-context Attention in Near-Linear Time" (ICLR 2024).
 
-Non-causal attention is split into a *heavy* part, found by sorting queries
-and keys by an angular LSH code and attending exactly inside aligned blocks of
-the sorted order, and a *light* part estimated from keys sampled uniformly at
-random with importance weight ``n_k / m``. Causal attention uses the paper's
-recursion: the two diagonal quarters are causal sub-problems, the lower-left
-quarter is an unmasked HyperAttention. Every part returns its output and its
-log-sum-exp (lse) of the logits it covers, so the parts combine into one
-properly normalised softmax estimate.
+Non-causal attention is split into a *heavy* part, found by sorting the keys
+by an angular LSH code, cutting them into blocks and attending each query
+exactly to the block its own code falls in, and a *light* part estimated from
+keys sampled uniformly at random from the other blocks with importance
+weight. Causal attention uses the paper's recursion: the two diagonal
+quarters are causal sub-problems, the lower-left quarter is an unmasked
+HyperAttention. Every part returns its output and its log-sum-exp (lse) of
+the logits it covers, so the parts combine into one properly normalised
+softmax estimate. A query's output never depends on other queries or on keys
+it may not see.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ _N_PROBE = 8
 _DIRECT_MAX = 1024
 # Additive logit of a masked pair: finite, so empty rows give no NaN anywhere.
 _NEG = -1e30
+# Rows of a small tile (queries beyond their block's big tiles).
+_SMALL_TILE = 64
 
 
 # --------------------------------------------------------------------------- checks
@@ -94,8 +98,8 @@ class _Rng:
         x = torch.randn(shape, generator=self.gen, device=self.draw_device, dtype=dtype)
         return x.to(self.device)
 
-    def randint(self, high: int, shape: tuple[int, ...]) -> torch.Tensor:
-        x = torch.randint(high, shape, generator=self.gen, device=self.draw_device)
+    def rand(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        x = torch.rand(shape, generator=self.gen, device=self.draw_device, dtype=dtype)
         return x.to(self.device)
 
 
@@ -209,88 +213,26 @@ def _gray_rank(r: int, device: torch.device) -> torch.Tensor:
     return _GRAY_RANK[key]
 
 
-def _lsh_order(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """Stable argsort of ``x (P, n, d)`` by Gray rank of its angular LSH bucket."""
-    r = proj.shape[1]
-    bits = (x @ proj) > 0
-    pow2 = 2 ** torch.arange(r, device=x.device)
-    code = (bits.to(torch.int64) * pow2).sum(-1)
-    return torch.sort(_gray_rank(r, x.device)[code], dim=-1, stable=True).indices
+def _lsh_values(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Sort key of each row of ``x (..., n, d)``: float64 ``(..., n)``.
 
-
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x (P, n, ...)`` rows ``idx (P, m)`` -> ``(P, m, ...)``."""
-    # Advanced indexing copies whole rows; it is faster on CPU than an expanded-index gather.
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
-
-
-def _hyper_noncausal(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    block_size: int,
-    sample_size: int,
-    proj: torch.Tensor,
-    rng: _Rng,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unmasked HyperAttention of ``q (P, m_q, d)`` on ``k, v (P, n_k, d)``; output and lse.
-
-    The queries of one problem may come from several heads (grouped-query
-    attention pools the heads that share a KV head): each query only ever
-    attends to its own problem's keys, so pooling changes no query's target.
+    ``proj (d, r + 1)``: the integer part is the Gray rank of the angular LSH
+    bucket (signs of the first ``r`` projections), the fraction the cosine with
+    the last projection, mapped into ``(0, 1)``. The fraction spreads the rows
+    of one bucket along a direction, so a query falls *inside* its bucket's run
+    of sorted keys instead of at its start (which would pile every query of a
+    large bucket onto one block); it is a function of the row alone.
     """
-    P, m_q, d = q.shape
-    n_k, d_v = k.shape[1], v.shape[-1]
-    nb = -(-n_k // block_size)
-    bs = block_size if nb > 1 else n_k
-    qbs = -(-m_q // nb)
-    q_ord, k_ord = _lsh_order(q, proj), _lsh_order(k, proj)
-    qs, ks, vs = _take(q, q_ord), _take(k, k_ord), _take(v, k_ord)
-    pad_q, pad_k = nb * qbs - m_q, nb * bs - n_k
-    if pad_q:
-        qs = F.pad(qs, (0, 0, 0, pad_q))
-    if pad_k:
-        ks, vs = F.pad(ks, (0, 0, 0, pad_k)), F.pad(vs, (0, 0, 0, pad_k))
-    # Heavy part: block b of the sorted queries against block b of the sorted keys.
-    hb = None
-    if pad_k:
-        # Padding sits at the end of the last block; that block keeps >= 1 real key.
-        pad = torch.arange(nb * bs, device=q.device).view(nb, 1, bs) >= n_k
-        hb = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill(pad, _NEG)
-        hb = hb.expand(P, nb, 1, bs).reshape(P * nb, 1, 1, bs)
-    out, lse = _attn_lse(
-        qs.view(P * nb, 1, qbs, d),
-        ks.view(P * nb, 1, bs, d),
-        vs.view(P * nb, 1, bs, d_v),
-        scale,
-        bias=hb,
-    )
-    out, lse = out.view(P, nb, qbs, d_v), lse.view(P, nb, qbs)
-    # A single block is the whole key set: exact, nothing left to sample.
-    if sample_size > 0 and nb > 1:
-        pick = rng.randint(n_k, (P, sample_size))  # positions in the sorted order
-        # Keys of the query's own block are already in the heavy part.
-        own = (pick // bs)[:, None, None, :] == torch.arange(nb, device=q.device)[:, None, None]
-        lb = torch.zeros(own.shape, dtype=q.dtype, device=q.device).masked_fill(own, _NEG)
-        ol, ll = _attn_lse(
-            qs.view(P, nb, qbs, d),
-            _take(ks, pick)[:, None],
-            _take(vs, pick)[:, None],
-            scale,
-            bias=lb,
-        )
-        # Importance weight n_k / m of each sampled key, in log space.
-        out, lse = _combine(out, lse, ol, ll + math.log(n_k / sample_size))
-    out = out.reshape(P, nb * qbs, d_v)[:, :m_q]
-    lse = lse.reshape(P, nb * qbs)[:, :m_q]
-    inv = torch.empty_like(q_ord).scatter_(
-        1, q_ord, torch.arange(m_q, device=q.device).expand(P, m_q)
-    )
-    return _take(out, inv), _take(lse, inv)
-
-
-# --------------------------------------------------------------------------- drivers
+    r = proj.shape[1] - 1
+    with torch.no_grad():
+        t = x.detach() @ proj
+        pow2 = 2.0 ** torch.arange(r, device=x.device, dtype=t.dtype)
+        # Exact in float32: a sum of distinct powers of two below 2**24.
+        code = ((t[..., :r] > 0).to(t.dtype) @ pow2).to(torch.int64)
+        rank = _gray_rank(r, x.device)[code]
+        norm = x.detach().norm(dim=-1) * proj[:, r].norm()
+        cos = (t[..., r] / norm.clamp_min(torch.finfo(t.dtype).tiny)).clamp(-1.0, 1.0)
+        return rank.to(torch.float64) + (0.5 + 0.49 * cos.to(torch.float64))
 
 
 class _Cfg:
@@ -302,40 +244,184 @@ class _Cfg:
         min_seq_len: int,
         proj: torch.Tensor,
         rng: _Rng,
+        grad: bool,
     ) -> None:
         self.scale, self.block_size, self.sample_size = scale, block_size, sample_size
-        self.min_seq_len, self.proj, self.rng = min_seq_len, proj, rng
+        self.min_seq_len, self.proj, self.rng, self.grad = min_seq_len, proj, rng, grad
+
+
+def _hyper_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qval: torch.Tensor,
+    kval: torch.Tensor,
+    q_rows: torch.Tensor,
+    k_base: torch.Tensor,
+    n_k: int,
+    exact: bool,
+    cfg: _Cfg,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked HyperAttention of ``P`` problems given by rows of flat tensors.
+
+    ``q (R_q, d)``, ``k (R_k, d)``, ``v (R_k, d_v)`` and their sort keys
+    ``qval (R_q,)``, ``kval (R_k,)``; problem ``p`` has queries
+    ``q_rows[p] (m_q,)`` (in time order) and keys ``k_base[p] + [0, n_k)``.
+    Returns output ``(P, m_q, d_v)`` and lse ``(P, m_q)`` in ``q_rows`` order;
+    ``exact`` attends every query to every key instead.
+
+    Keys are sorted by their sort key and cut into ``nb`` blocks of
+    ``block_size``; a query joins the block of the last sorted key below its
+    own sort key (block 0 if none), and attends in one softmax to that block
+    exactly and to ``sample_size`` keys drawn uniformly from the *other*
+    blocks (so no pair counts twice), each with weight ``rest / sample_size``.
+    Blocks and samples are functions of the keys and the seed only, so a
+    query's output depends on no other query. The queries of a block are
+    packed into tiles (padded; padding rows read an arbitrary query and are
+    dropped) and each tile is one fused attention call against its block's
+    ``block_size + sample_size`` keys. The kernel computes every row on its
+    own, so which tile and row a query lands in does not change its result.
+    """
+    P, m_q = q_rows.shape
+    d, d_v = q.shape[1], v.shape[1]
+    dev = q.device
+    k_rows = k_base[:, None] + torch.arange(n_k, device=dev)
+    if exact:
+        qg = q.index_select(0, q_rows.reshape(-1)).view(P, 1, m_q, d)
+        kg = k.index_select(0, k_rows.reshape(-1)).view(P, 1, n_k, d)
+        vg = v.index_select(0, k_rows.reshape(-1)).view(P, 1, n_k, d_v)
+        out, lse = _attn_lse(qg, kg, vg, cfg.scale)
+        return out.reshape(P, m_q, d_v), lse.view(P, m_q)
+    bs, m = cfg.block_size, cfg.sample_size
+    nb = -(-n_k // bs)
+    ar = torch.arange(max(bs, nb), device=dev)
+    ks, k_ord = torch.sort(kval[k_rows], dim=1, stable=True)
+    # Block of each query: where its own key falls among the sorted keys, i.e.
+    # how many block boundaries lie below it. Offset by the problem's first
+    # block id, so one stable sort gives each query's rank in its block (the
+    # earlier queries of the block come first).
+    blk = torch.searchsorted(ks[:, bs::bs].contiguous(), qval[q_rows])
+    blk += (torch.arange(P, device=dev) * nb)[:, None]
+    fblk, order = torch.sort(blk, dim=1, stable=True)  # flat block id, sorted order
+    counts = torch.bincount(fblk.view(-1), minlength=P * nb)
+    rank = torch.arange(P * m_q, device=dev).view(P, m_q) - (counts.cumsum(0) - counts)[fblk]
+    # A block's queries fill big tiles of C rows (a little over the balanced
+    # share m_q / nb; one more, padded, when at least C/4 are left) and small
+    # tiles of T rows for the rest: few padded rows when queries are balanced,
+    # and no idle tiles when they crowd into a few blocks. Multiples of 8, so
+    # no kernel call sees a one-row block.
+    C = -(-(9 * m_q) // (64 * nb)) * 8
+    T = min(C, _SMALL_TILE)
+    nbig = (counts + (C - C // 4)).div_(C, rounding_mode="floor")
+    nsmall = (counts - nbig * C).clamp_(min=0).add_(T - 1).div_(T, rounding_mode="floor")
+    n_big, n_small = (int(x) for x in torch.stack([nbig.sum(), nsmall.sum()]).tolist())
+    big_rows = n_big * C
+    bigbase = (nbig.cumsum(0) - nbig) * C
+    smallbase = big_rows + (nsmall.cumsum(0) - nsmall) * T - nbig * C
+    slot = torch.where(rank < (nbig * C)[fblk], bigbase[fblk], smallbase[fblk]).add_(rank)
+    # Unused slots read row 0: any valid row, their outputs are never read.
+    src = torch.zeros(big_rows + n_small * T, dtype=torch.int64, device=dev)
+    src[slot.view(-1)] = q_rows.gather(1, order).view(-1)
+    slot_q = torch.empty_like(slot).scatter_(1, order, slot)
+
+    # Keys of each block: its sorted keys (padded with key 0, masked) and its samples.
+    k_idx = F.pad(k_ord, (0, nb * bs - n_k)).view(P, nb, bs)
+    size = torch.full((nb,), bs, dtype=torch.int64, device=dev)
+    size[-1] = n_k - (nb - 1) * bs
+    bias = torch.zeros(nb, bs + m, dtype=q.dtype, device=dev)
+    bias[:, :bs].masked_fill_(ar[:bs] >= size[:, None], _NEG)
+    if m > 0:
+        rest = n_k - size  # keys outside the block, > 0 as nb > 1
+        u = cfg.rng.rand((P, nb, m), torch.float64)
+        pos = (u * rest[:, None]).to(torch.int64).clamp_(max=rest[:, None] - 1)
+        pos += (pos >= (ar[:nb] * bs)[:, None]) * size[:, None]  # skip the block itself
+        samp = k_ord.gather(1, pos.view(P, nb * m)).view(P, nb, m)
+        k_idx = torch.cat([k_idx, samp], dim=2)
+        # Importance weight rest / m of each sampled key, in log space.
+        bias[:, bs:] = torch.log(rest.to(torch.float64) / m).to(q.dtype)[:, None]
+    K = bs + m
+    k_idx = (k_idx + k_base[:, None, None]).view(P * nb, K)
+    outs, lses = [], []
+    for n_t, rows, per, base in ((n_big, C, nbig, 0), (n_small, T, nsmall, big_rows)):
+        if n_t == 0:
+            continue
+        tb = torch.repeat_interleave(torch.arange(P * nb, device=dev), per, output_size=n_t)
+        grow = k_idx.index_select(0, tb).view(-1)
+        o, lo = _attn_lse(
+            q.index_select(0, src[base : base + n_t * rows]).view(n_t, 1, rows, d),
+            k.index_select(0, grow).view(n_t, 1, K, d),
+            v.index_select(0, grow).view(n_t, 1, K, d_v),
+            cfg.scale,
+            bias=bias.index_select(0, tb % nb).view(n_t, 1, 1, K),
+        )
+        outs.append(o.reshape(n_t * rows, d_v))
+        lses.append(lo.reshape(n_t * rows))
+    sq = slot_q.view(-1)
+    if len(outs) == 1:
+        out, lse = outs[0].index_select(0, sq), lses[0].index_select(0, sq)
+    else:
+        # Most queries sit in big tiles: gather from those, then patch in the rest.
+        big = sq < big_rows
+        out, lse = (
+            outs[0].index_select(0, sq.clamp(max=big_rows - 1)),
+            lses[0][sq.clamp(max=big_rows - 1)],
+        )
+        small = (~big).nonzero().view(-1)
+        ss = sq[small] - big_rows
+        out[small], lse[small] = outs[1][ss], lses[1][ss]
+    return out.view(P, m_q, d_v), lse.view(P, m_q)
+
+
+# --------------------------------------------------------------------------- drivers
+
+
+def _combine_into(out: torch.Tensor, lse: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> None:
+    """``_combine`` written into the views ``out, lse`` (no autograd: in place)."""
+    out.lerp_(o2, torch.sigmoid(l2 - lse).unsqueeze(-1))
+    torch.logaddexp(lse, l2, out=lse)
 
 
 def _noncausal_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: _Cfg
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qval: torch.Tensor,
+    kval: torch.Tensor,
+    cfg: _Cfg,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q (B, Hk, g, n_q, d)``, ``k, v (B, Hk, n_k, d)`` -> output and lse, unmasked."""
     B, Hk, g, n_q, d = q.shape
     n_k, d_v = k.shape[2], v.shape[-1]
-    if n_q < cfg.min_seq_len:
-        out, lse = _attn_lse(
-            q.reshape(B * Hk, g, n_q, d),
-            k.reshape(B * Hk, 1, n_k, d),
-            v.reshape(B * Hk, 1, n_k, d_v),
-            cfg.scale,
-        )
-    else:
-        out, lse = _hyper_noncausal(
-            q.reshape(B * Hk, g * n_q, d),
-            k.reshape(B * Hk, n_k, d),
-            v.reshape(B * Hk, n_k, d_v),
-            cfg.scale,
-            cfg.block_size,
-            cfg.sample_size,
-            cfg.proj,
-            cfg.rng,
-        )
-    return out.view(B, Hk, g, n_q, d_v), lse.view(B, Hk, g, n_q)
+    dev = q.device
+    bh = torch.arange(B * Hk, device=dev)
+    # Queries of one KV head pooled in time order: (t, head) -> row.
+    q_rows = (bh[:, None, None] * g + torch.arange(g, device=dev)) * n_q + torch.arange(
+        n_q, device=dev
+    )[:, None]
+    exact = n_q < cfg.min_seq_len or n_k <= cfg.block_size + cfg.sample_size
+    out, lse = _hyper_rows(
+        q.reshape(-1, d),
+        k.reshape(-1, d),
+        v.reshape(-1, d_v),
+        qval.reshape(-1),
+        kval.reshape(-1),
+        q_rows.view(B * Hk, n_q * g),
+        bh * n_k,
+        n_k,
+        exact,
+        cfg,
+    )
+    out = out.view(B, Hk, n_q, g, d_v).transpose(2, 3)
+    return out, lse.view(B, Hk, n_q, g).transpose(2, 3)
 
 
 def _causal_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: _Cfg
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qval: torch.Tensor,
+    kval: torch.Tensor,
+    cfg: _Cfg,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Square causal problem ``q (B, Hk, g, n, d)``, ``k, v (B, Hk, n, d)``: output and lse.
 
@@ -356,6 +442,7 @@ def _causal_lse(
     if n2 != n:
         q = F.pad(q, (0, 0, 0, n2 - n))
         k, v = F.pad(k, (0, 0, 0, n2 - n)), F.pad(v, (0, 0, 0, n2 - n))
+        qval, kval = F.pad(qval, (0, n2 - n)), F.pad(kval, (0, n2 - n))
     nl = 2**D
     ql = q.view(B, Hk, g, nl, L, d).transpose(2, 3).reshape(B * Hk * nl, g, L, d)
     out, lse = _attn_lse(
@@ -365,26 +452,35 @@ def _causal_lse(
         cfg.scale,
         causal=True,
     )
-    out = out.view(B, Hk, nl, g, L, d_v).transpose(2, 3).reshape(B, Hk, g, n2, d_v)
+    out = out.reshape(B, Hk, nl, g, L, d_v).transpose(2, 3).reshape(B, Hk, g, n2, d_v)
     lse = lse.view(B, Hk, nl, g, L).transpose(2, 3).reshape(B, Hk, g, n2)
+    qf, kf, vf = q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d_v)
+    qvf, kvf = qval.reshape(-1), kval.reshape(-1)
+    dev = q.device
+    bh = torch.arange(B * Hk, device=dev)
     for lev in range(D, 0, -1):
         M, Ll = 2 ** (lev - 1), n2 // 2**lev
-        qb = q.view(B, Hk, g, M, 2, Ll, d)[:, :, :, :, 1].transpose(2, 3)
-        kb = k.view(B, Hk, M, 2, Ll, d)[:, :, :, 0]
-        vb = v.view(B, Hk, M, 2, Ll, d_v)[:, :, :, 0]
-        ob, lb = _noncausal_lse(
-            qb.reshape(B, Hk * M, g, Ll, d),
-            kb.reshape(B, Hk * M, Ll, d),
-            vb.reshape(B, Hk * M, Ll, d_v),
-            cfg,
-        )
-        ob = ob.view(B, Hk, M, g, Ll, d_v).transpose(2, 3)
-        lb = lb.view(B, Hk, M, g, Ll).transpose(2, 3)
+        mi = torch.arange(M, device=dev) * (2 * Ll)
+        # Problem (bh, mi): keys are the first half of block mi, queries its second half.
+        k_base = (bh[:, None] * n2 + mi).view(-1)
+        q_rows = (
+            (bh[:, None, None, None] * g + torch.arange(g, device=dev)) * n2
+            + mi[:, None, None]
+            + Ll
+            + torch.arange(Ll, device=dev)[:, None]
+        )  # (B*Hk, M, Ll, g): time-major inside a problem
+        exact = Ll < cfg.min_seq_len or Ll <= cfg.block_size + cfg.sample_size
+        ob, lb = _hyper_rows(qf, kf, vf, qvf, kvf, q_rows.view(-1, Ll * g), k_base, Ll, exact, cfg)
+        ob = ob.view(B, Hk, M, Ll, g, d_v).permute(0, 1, 4, 2, 3, 5)
+        lb = lb.view(B, Hk, M, Ll, g).permute(0, 1, 4, 2, 3)
         o6 = out.view(B, Hk, g, M, 2, Ll, d_v)
         l6 = lse.view(B, Hk, g, M, 2, Ll)
-        oc, lc = _combine(o6[:, :, :, :, 1], l6[:, :, :, :, 1], ob, lb)
-        out = torch.stack([o6[:, :, :, :, 0], oc], dim=4).view(B, Hk, g, n2, d_v)
-        lse = torch.stack([l6[:, :, :, :, 0], lc], dim=4).view(B, Hk, g, n2)
+        if cfg.grad:
+            oc, lc = _combine(o6[:, :, :, :, 1], l6[:, :, :, :, 1], ob, lb)
+            out = torch.stack([o6[:, :, :, :, 0], oc], dim=4).view(B, Hk, g, n2, d_v)
+            lse = torch.stack([l6[:, :, :, :, 0], lc], dim=4).view(B, Hk, g, n2)
+        else:
+            _combine_into(o6[:, :, :, :, 1], l6[:, :, :, :, 1], ob, lb)
     return out[:, :, :, :n], lse[:, :, :, :n]
 
 
@@ -439,36 +535,42 @@ def hyper_attention(
     Notes
     -----
     Non-causal (sortLSH + sampling, Algorithm 3 of the paper): queries and keys
-    are hashed by the signs of ``lsh_num_projs`` shared Gaussian projections,
-    ordered by the Gray-code rank of their bucket (adjacent buckets differ in
-    one sign), and sorted. The heavy part is exact attention inside the
-    ``ceil(n_k / block_size)`` aligned blocks of the sorted order. The light
-    part attends every query to ``sample_size`` uniformly sampled keys with
-    logit ``+ log(n_k / sample_size)`` (importance weight), masking sampled
-    keys in the query's own block so no pair counts twice. Both share one
-    softmax, so each query's normaliser is the heavy sum plus an unbiased
-    estimate of the rest. Guarantee (the paper's Theorem 1): if the LSH finds
-    the large entries and the residual matrix has bounded column norms, the
-    output has spectral error ``eps * ||softmax|| * ||V||`` with
-    ``sample_size = O(polylog n / eps^2)``.
+    are hashed by the signs of ``lsh_num_projs`` shared Gaussian projections
+    and ordered by the Gray-code rank of their bucket (adjacent buckets differ
+    in one sign), ties inside a bucket ordered by the cosine with one more
+    random direction. The keys are sorted and cut into ``ceil(n_k /
+    block_size)`` blocks; each query joins the block where its own sort key
+    falls among the sorted keys (a binary search: no other query takes part).
+    The heavy part is exact attention of each query to its block. The light
+    part attends every query to ``sample_size`` keys sampled uniformly from
+    the other blocks, with logit ``+ log(rest / sample_size)`` (importance
+    weight), so no pair counts twice. Both share one softmax, so each query's
+    normaliser is the heavy sum plus an unbiased estimate of the rest.
+    Guarantee (the paper's Theorem 1): if the LSH finds the large entries and
+    the residual matrix has bounded column norms, the output has spectral
+    error ``eps * ||softmax|| * ||V||`` with ``sample_size = O(polylog n /
+    eps^2)``.
 
     Causal (Algorithm 4): split in halves; the two diagonal quarters are causal
     sub-problems, the lower-left quarter is the non-causal algorithm; parts
     merge through their log-sum-exps. Blocks of ``n <= min_seq_len`` are exact
-    (fused ``scaled_dot_product_attention``).
-
-    Causality caveat (shared with the paper's algorithm): no output depends
-    on a future *key or value*, but inside a non-causal sub-problem the
-    queries are sorted together, so a later *query* can move an earlier
-    query to another block and change its output slightly. In a causal
-    layer, where a token's q, k and v come together, a later token can
-    therefore perturb earlier outputs; do not rely on strict causality of
-    this approximation for training with teacher forcing.
+    (fused ``scaled_dot_product_attention``). Each query's output is a
+    function of that query, the keys and values it may see, and the seed:
+    blocks and samples are drawn from keys only, so neither a later key nor
+    any other query (earlier or later) changes it, bit for bit. (With
+    autograd, a causal leaf longer than 1024 anchors its lse on its
+    largest-norm keys, see ``_attn_lse``; there a later key can move an
+    earlier output by rounding, never by more.)
 
     Cost per head with ``b = block_size``, ``m = sample_size``: non-causal
-    ``O(n_q (b + m) d + n log n)`` time, ``O(n_q (b + m))`` workspace; causal
-    ``O(n L d + n (b + m) d log(n / L))`` time with leaves of size
-    ``L <= min_seq_len``. Nothing of size ``n_q x n_k`` is formed.
+    ``O(n_q (b + m) d + (n_q + n_k) log n_k)`` time, ``O(n_q (b + m))``
+    workspace; causal ``O(n L d + n (b + m) d log(n / L))`` time with leaves of
+    size ``L <= min_seq_len``. Nothing of size ``n_q x n_k`` is formed. The
+    queries of a block are packed into tiles of a little over ``n_q /
+    n_blocks`` rows (smaller tiles for crowded blocks), so when queries crowd
+    into few blocks the work stays ``O(n_q (b + m))``; sizing the tiles reads
+    one count back to the host per non-causal sub-problem level (a device
+    synchronisation on GPU).
     """
     H, H_kv = check_qkv(q, k, v)
     if not isinstance(causal, bool):
@@ -507,25 +609,25 @@ def hyper_attention(
         return out.to(out_dtype)
 
     rng = _Rng(seed, q.device)
-    cfg = _Cfg(
-        scale_, block_size, sample_size, min_seq_len, rng.randn((d, lsh_num_projs), compute), rng
-    )
+    proj = rng.randn((d, lsh_num_projs + 1), compute)
+    cfg = _Cfg(scale_, block_size, sample_size, min_seq_len, proj, rng, _needs_grad(q, k, v))
     q5 = q.view(B, H_kv, g, n_q, d)
+    qval, kval = _lsh_values(q5, proj), _lsh_values(k, proj)
     if not causal:
-        out, _ = _noncausal_lse(q5, k, v, cfg)
+        out, _ = _noncausal_lse(q5, k, v, qval, kval, cfg)
         return out.reshape(B, H, n_q, d_v).to(out_dtype)
     if n_q > n_k:
         # The first n_q - n_k queries see no key; the rest is a square problem.
-        sq, _ = _causal_lse(q5[:, :, :, n_q - n_k :], k, v, cfg)
+        sq, _ = _causal_lse(q5[:, :, :, n_q - n_k :], k, v, qval[..., n_q - n_k :], kval, cfg)
         out = torch.cat([sq.new_zeros(B, H_kv, g, n_q - n_k, d_v), sq], dim=3)
     elif n_q < n_k:
         # Bottom-right alignment: the first n_k - n_q keys are visible to every query.
         pre = n_k - n_q
-        o1, l1 = _noncausal_lse(q5, k[:, :, :pre], v[:, :, :pre], cfg)
-        o2, l2 = _causal_lse(q5, k[:, :, pre:], v[:, :, pre:], cfg)
+        o1, l1 = _noncausal_lse(q5, k[:, :, :pre], v[:, :, :pre], qval, kval[..., :pre], cfg)
+        o2, l2 = _causal_lse(q5, k[:, :, pre:], v[:, :, pre:], qval, kval[..., pre:], cfg)
         out, _ = _combine(o1, l1, o2, l2)
     else:
-        out, _ = _causal_lse(q5, k, v, cfg)
+        out, _ = _causal_lse(q5, k, v, qval, kval, cfg)
     return out.reshape(B, H, n_q, d_v).to(out_dtype)
 
 
