@@ -1,0 +1,553 @@
+"""Scorers: constant-size streaming state that ranks cached keys for eviction.
+
+A scorer sees every key (and, if it asks for them, every query) of one
+attention layer and keeps a state whose size does not depend on the stream
+length: O(d) or O(d^2) floats per head. ``score(keys)`` ranks candidate keys;
+the :class:`~streamsketch.kv.KeySelector` keeps the top ``budget`` of them.
+No scorer reads attention scores except :class:`AccumulatedAttentionScorer`
+(H2O), which exists as a baseline for comparison.
+
+Shapes: keys ``(B, H_kv, c, d)``, queries ``(B, H_q, c, d)`` with ``H_q`` a
+multiple of ``H_kv`` (grouped-query attention: query head ``h`` reads KV head
+``h // (H_q // H_kv)``); scores ``(B, H_kv, m)`` float32, larger is kept. Every
+state tensor is float32 on the scorer's device whatever the cache dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = [
+    "SCORERS",
+    "AccumulatedAttentionScorer",
+    "KNormScorer",
+    "LeverageScorer",
+    "QueryGaussianScorer",
+    "QueryMeanScorer",
+    "Scorer",
+    "WindowScorer",
+    "make_scorer",
+]
+
+
+class Scorer:
+    """Base class: streaming key/query state of one attention layer, batched over (B, H_kv).
+
+    Parameters
+    ----------
+    num_kv_heads : int
+        Key/value heads ``H_kv``.
+    head_dim : int
+        Head dimension ``d``.
+    num_q_heads : int, optional
+        Query heads ``H_q`` (a multiple of ``num_kv_heads``); taken from the
+        first queries observed when None.
+    scale : float, optional
+        Logit scale of the attention, ``1/sqrt(d)`` by default.
+    device : torch.device or str, optional
+        Where the state lives.
+    value_weighted : bool, optional
+        Add ``log ||v||`` to each key's score: dropping a key moves the output
+        by its weight times its value, so of two equally attended keys the one
+        with the larger value matters more. Default: on for the query scorers
+        (measured: 1 536-token texts, total 256, perplexity +11.9% vs +12.8%
+        and +9.3% vs +9.9% on two texts, +6.3% vs +5.9% on a third), off
+        for the others.
+
+    Notes
+    -----
+    The state is allocated on the first ``observe_keys`` call, when the batch
+    size is known. Subclasses set ``needs_queries`` when they read queries and
+    ``needs_attention`` when they read attention weights.
+    """
+
+    name: ClassVar[str] = ""
+    value_weighted_default: ClassVar[bool] = False
+    needs_queries: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        num_q_heads: int | None = None,
+        scale: float | None = None,
+        device: torch.device | str | None = None,
+        value_weighted: bool | None = None,
+    ) -> None:
+        num_kv_heads = _check_pos_int("num_kv_heads", num_kv_heads)
+        head_dim = _check_pos_int("head_dim", head_dim)
+        if num_q_heads is not None:
+            num_q_heads = _check_pos_int("num_q_heads", num_q_heads)
+            if num_q_heads % num_kv_heads:
+                raise ValueError(
+                    f"num_q_heads ({num_q_heads}) must be a multiple of "
+                    f"num_kv_heads ({num_kv_heads})"
+                )
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite positive float, got {scale!r}")
+        self.num_kv_heads = num_kv_heads
+        self.num_q_heads: int | None = num_q_heads
+        self.head_dim = head_dim
+        self.scale = float(scale)
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.batch_size: int | None = None
+        self.value_weighted = (
+            type(self).value_weighted_default if value_weighted is None else bool(value_weighted)
+        )
+
+    # ----------------------------------------------------------------- protocol
+    def observe_keys(self, keys: torch.Tensor) -> None:
+        """Fold new keys ``(B, H_kv, c, d)`` into the state. Cost O(c d) or O(c d^2) per head."""
+        self._check_keys(keys)
+        self._ensure_state(keys.shape[0])
+        self._observe_keys(keys.to(torch.float32))
+
+    def observe_queries(self, queries: torch.Tensor) -> None:
+        """Fold new queries ``(B, H_q, c, d)`` into the state (no-op for key-only scorers)."""
+        if not self.needs_queries:
+            return
+        if self.num_q_heads is None:
+            if not isinstance(queries, torch.Tensor) or queries.dim() != 4:
+                raise ValueError("queries must have shape (B, H_q, n, d)")
+            if queries.shape[1] % self.num_kv_heads:
+                raise ValueError(
+                    f"queries' heads ({queries.shape[1]}) must be a multiple of "
+                    f"num_kv_heads ({self.num_kv_heads})"
+                )
+        self._check_tensor("queries", queries, self.num_q_heads or queries.shape[1])
+        self._ensure_state(queries.shape[0])
+        self.num_q_heads = queries.shape[1]
+        self._observe_queries(queries.to(torch.float32))
+
+    def score(
+        self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores ``(B, H_kv, m)`` float32 of candidate keys ``(B, H_kv, m, d)``; larger is kept.
+
+        ``positions`` ``(B, H_kv, m)`` int64 are the keys' stream positions and
+        ``values`` ``(B, H_kv, m, d_v)`` their values (used by ``value_weighted``).
+        """
+        self._check_keys(keys)
+        if self.batch_size is None:
+            self._ensure_state(keys.shape[0])
+        scores = self._score(keys.to(torch.float32), positions)
+        if self.value_weighted and values is not None:
+            # A key's effect on the output scales with its value's size.
+            scores = scores + torch.log(torch.linalg.vector_norm(values.float(), dim=-1) + 1e-12)
+        return scores
+
+    def merge(self, other: Scorer) -> None:
+        """Fold ``other`` (same class and shape, another stream of the same layer) into ``self``.
+
+        After the merge the state equals, to rounding, the state of one scorer
+        that saw self's stream and then other's (the order matters only for
+        exponentially weighted query moments). ``other`` is unchanged.
+        """
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        if (other.num_kv_heads, other.head_dim, other.scale) != (
+            self.num_kv_heads,
+            self.head_dim,
+            self.scale,
+        ) or (
+            None not in (self.num_q_heads, other.num_q_heads)
+            and self.num_q_heads != other.num_q_heads
+        ):
+            raise ValueError("other has different heads, head_dim or scale")
+        if other.batch_size is None:
+            return
+        if self.batch_size is None:
+            self._ensure_state(other.batch_size)
+        if other.batch_size != self.batch_size:
+            raise ValueError(f"other has batch size {other.batch_size}, self {self.batch_size}")
+        self._merge(other)
+        if self.num_q_heads is None:
+            self.num_q_heads = other.num_q_heads
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The state tensors (views, not copies), by name."""
+        return {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of state tensors: constant in the stream length."""
+        return sum(t.numel() * t.element_size() for t in self.state().values())
+
+    def reset(self) -> None:
+        """Forget everything seen (the state is reallocated on the next observation)."""
+        self.batch_size = None
+        self._alloc(0)
+
+    # --------------------------------------------------------------- subclass
+    def _alloc(self, batch_size: int) -> None:
+        """Allocate zero state for ``batch_size``."""
+
+    def _observe_keys(self, keys: torch.Tensor) -> None:
+        pass
+
+    def _observe_queries(self, queries: torch.Tensor) -> None:
+        pass
+
+    def _score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _merge(self, other: Scorer) -> None:
+        pass
+
+    # ---------------------------------------------------------------- helpers
+    def _ensure_state(self, batch_size: int) -> None:
+        if self.batch_size is None:
+            self.batch_size = batch_size
+            self._alloc(batch_size)
+        elif batch_size != self.batch_size:
+            raise ValueError(
+                f"batch size changed from {self.batch_size} to {batch_size}; call reset() first"
+            )
+
+    def _check_keys(self, keys: torch.Tensor) -> None:
+        self._check_tensor("keys", keys, self.num_kv_heads)
+
+    def _check_tensor(self, name: str, t: Any, heads: int) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4 or t.shape[1] != heads or t.shape[3] != self.head_dim:
+            raise ValueError(
+                f"{name} must have shape (B, {heads}, n, {self.head_dim}), got {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+    def _group(self, queries: torch.Tensor) -> torch.Tensor:
+        """``(B, H_q, ...)`` -> ``(B, H_kv, g, ...)``."""
+        B, Hq = queries.shape[:2]
+        return queries.reshape(B, self.num_kv_heads, Hq // self.num_kv_heads, *queries.shape[2:])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"num_q_heads={self.num_q_heads})"
+        )
+
+
+class WindowScorer(Scorer):
+    """StreamingLLM baseline: the most recent older keys win (the budget extends the window).
+
+    No state. Cost O(m) per call.
+    """
+
+    name = "window"
+
+    def _score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return positions.to(torch.float32)
+
+
+class KNormScorer(Scorer):
+    """KNorm baseline: keep the keys of smallest norm (Devoto et al., 2024).
+
+    Small-norm keys tend to draw large attention in trained LLMs. No state;
+    cost O(m d) per call.
+    """
+
+    name = "knorm"
+
+    def _score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return -torch.linalg.vector_norm(keys, dim=-1)
+
+
+class LeverageScorer(Scorer):
+    """Ridge leverage of keys in the Gram matrix of every key seen (the universal-set score).
+
+    ``score(k) = k^T (K^T K + lambda I)^{-1} k`` with ``lambda = ridge * tr(K^T K) / d``:
+    the keys that no combination of others can stand in for, which are the
+    keys that can draw attention from *some* query (LevAttention; exact for
+    polynomial attention). Query-agnostic.
+
+    State: the Gram matrix, ``(B, H_kv, d, d)`` float32. Cost: O(c d^2) per
+    observed chunk, O(d^3 + m d^2) per ``score`` (one Cholesky per head).
+    """
+
+    name = "leverage"
+
+    def __init__(self, *args: Any, ridge: float = 1e-3, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
+            raise ValueError(f"ridge must be a positive float, got {ridge!r}")
+        self.ridge = float(ridge)
+        self.gram: torch.Tensor | None = None
+
+    def _alloc(self, batch_size: int) -> None:
+        d = self.head_dim
+        self.gram = torch.zeros(batch_size, self.num_kv_heads, d, d, device=self.device)
+
+    def _observe_keys(self, keys: torch.Tensor) -> None:
+        assert self.gram is not None
+        self.gram += keys.transpose(-1, -2) @ keys
+
+    def _score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        assert self.gram is not None
+        d = self.head_dim
+        trace = self.gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+        # The floor keeps the solve defined before any key has been seen.
+        lam = (self.ridge * trace / d).clamp_min(1e-12)
+        eye = torch.eye(d, device=self.gram.device)
+        # cholesky_ex reports failure in a tensor instead of raising, so the step never
+        # waits for the device; the ridge keeps the matrix positive definite anyway.
+        chol, _ = torch.linalg.cholesky_ex(self.gram + lam[..., None, None] * eye)
+        z = torch.linalg.solve_triangular(chol, keys.transpose(-1, -2), upper=False)
+        return (z * z).sum(-2)
+
+    def _merge(self, other: Scorer) -> None:
+        assert isinstance(other, LeverageScorer) and self.gram is not None
+        self.gram += other.gram
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {} if self.gram is None else {"gram": self.gram}
+
+
+class _QueryMoments(Scorer):
+    """Shared state of the query scorers: count, mean and (optionally) centred second moment.
+
+    Chunks combine by Chan et al.'s pairwise update, which is also the merge,
+    so streaming, batching and merging give the same moments to rounding.
+    With ``half_life`` the moments are exponentially weighted: a query ``t``
+    tokens old weighs ``2^(-t / half_life)``, so the state follows the
+    recent queries, which predict the next ones best.
+    """
+
+    _with_cov: ClassVar[bool] = False
+    needs_queries = True
+
+    value_weighted_default = True
+
+    def __init__(self, *args: Any, half_life: float | None = 32.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if half_life is not None and (
+            isinstance(half_life, bool)
+            or not isinstance(half_life, (int, float))
+            or not half_life > 0
+            or not math.isfinite(half_life)
+        ):
+            raise ValueError(f"half_life must be a positive float or None, got {half_life!r}")
+        self.half_life = None if half_life is None else float(half_life)
+        # Python numbers: they follow from shapes alone, so updating them never syncs the device.
+        self.count = 0.0
+        self.tokens = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def _alloc(self, batch_size: int) -> None:
+        # The query state is allocated by the first queries, which fix H_q.
+        self.count = 0.0
+        self.tokens = 0
+        self.mean = None
+        self.m2 = None
+
+    def _alloc_moments(self, batch_size: int, num_q_heads: int) -> None:
+        d = self.head_dim
+        self.mean = torch.zeros(batch_size, num_q_heads, d, device=self.device)
+        if self._with_cov:
+            self.m2 = torch.zeros(batch_size, num_q_heads, d, d, device=self.device)
+
+    def _observe_queries(self, queries: torch.Tensor) -> None:
+        if self.mean is None:
+            self._alloc_moments(queries.shape[0], queries.shape[1])
+        c = queries.shape[2]
+        if self.half_life is None or c == 1:
+            weight = float(c)
+            mean_c = queries.mean(dim=2)
+            wq = None
+        else:
+            age = torch.arange(c - 1, -1, -1, device=queries.device, dtype=torch.float32)
+            wq = torch.exp2(-age / self.half_life)
+            weight = float(
+                (1.0 - 2.0 ** (-c / self.half_life)) / (1.0 - 2.0 ** (-1 / self.half_life))
+            )
+            mean_c = (queries * wq[:, None]).sum(dim=2) / weight
+        m2_c = None
+        if self._with_cov:
+            centred = queries - mean_c[:, :, None, :]
+            weighted = centred if wq is None else centred * wq[:, None]
+            m2_c = weighted.transpose(-1, -2) @ centred
+        self._age(c)
+        self.tokens += c
+        self._combine(weight, mean_c, m2_c)
+
+    def _age(self, c: int) -> None:
+        """Discount what is there by ``c`` newer tokens (exponential weighting only)."""
+        if self.half_life is not None:
+            decay = 2.0 ** (-c / self.half_life)
+            self.count *= decay
+            if self.m2 is not None:
+                self.m2 *= decay
+
+    def _combine(self, n_b: float, mean_b: torch.Tensor, m2_b: torch.Tensor | None) -> None:
+        assert self.mean is not None
+        n_a = self.count
+        total = n_a + n_b
+        delta = mean_b - self.mean
+        w = n_b / total
+        self.mean += delta * w
+        if self._with_cov:
+            assert self.m2 is not None and m2_b is not None
+            self.m2 += m2_b + (n_a * w) * (delta[..., :, None] * delta[..., None, :])
+        self.count = total
+
+    def _merge(self, other: Scorer) -> None:
+        assert isinstance(other, _QueryMoments)
+        self._merge_check(other)
+        if other.count == 0 or other.mean is None:
+            return
+        if self.mean is None:
+            self._alloc_moments(other.mean.shape[0], other.mean.shape[1])
+        m2 = None if other.m2 is None else other.m2.clone()
+        # other's queries come after self's: self ages by other's length first.
+        self._age(other.tokens)
+        self.tokens += other.tokens
+        self._combine(other.count, other.mean.clone(), m2)
+
+    def _merge_check(self, other: Scorer) -> None:
+        assert isinstance(other, _QueryMoments)
+        if other.half_life != self.half_life:
+            raise ValueError(f"other has half_life {other.half_life}, self {self.half_life}")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.mean is None:
+            return {}
+        out = {"count": torch.tensor(self.count), "mean": self.mean}
+        if self.m2 is not None:
+            out["m2"] = self.m2
+        return out
+
+
+class QueryMeanScorer(_QueryMoments):
+    """Expected logit under the recent mean query: ``score(k) = s * mean(q) . k (+ log ||v||)``.
+
+    The mean is exponentially weighted with ``half_life`` tokens (default 32;
+    ``None`` for the plain running mean): decoding queries resemble the
+    recent ones, and on SmolLM2 the recent mean keeps more attention mass
+    (0.882 vs 0.861 on 30 layers, 2 048 tokens, total 128) and perplexity
+    (+12.8% vs +14.6% at total 256) than the all-time mean. With grouped
+    queries a key is scored by the best of its group's heads (log-sum-exp
+    over the group), so a key one head needs is kept.
+
+    State: ``(B, H_q, d)`` float32 plus a count. Cost O(c d) per observed
+    chunk, O(m d g) per ``score``.
+    """
+
+    name = "query"
+
+    def _score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        _require_queries(self)
+        assert self.mean is not None
+        mu = self._group(self.mean)  # (B, H_kv, g, d)
+        logits = self.scale * (mu @ keys.transpose(-1, -2))  # (B, H_kv, g, m)
+        return torch.logsumexp(logits, dim=2)
+
+
+class QueryGaussianScorer(_QueryMoments):
+    """Expected softmax weight of a key under a Gaussian model of past queries.
+
+    With queries ``q ~ N(mu, Sigma)`` (running mean and covariance of the
+    queries seen), the expected unnormalised attention weight of key ``k`` is
+    ``E exp(s q.k) = exp(s mu.k + s^2 k^T Sigma k / 2)``; the score is its log.
+    The quadratic term is the key's energy in the query-weighted metric: a
+    key that lies along the directions in which queries *vary* can draw large
+    logits from some future query even if the mean query ignores it, which is
+    the leverage idea measured in the metric of the queries. Log-sum-exp over
+    the heads of a group; moments exponentially weighted like
+    :class:`QueryMeanScorer`.
+
+    Measured on SmolLM2 (30 layers, 2 048 tokens, total 128) the quadratic
+    term costs attention mass (0.873 against 0.882 for the mean alone): the
+    queries' spread is large along directions whose large logits the
+    softmax of the mean query already covers. It is kept as the principled
+    blend the issue asks for, not as the default.
+
+    State: mean ``(B, H_q, d)`` and centred second moment ``(B, H_q, d, d)``,
+    float32. Cost O(c d^2) per observed chunk, O(m d^2 g) per ``score``.
+    """
+
+    name = "leverage+query"
+    _with_cov = True
+
+    def _score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        _require_queries(self)
+        assert self.mean is not None and self.m2 is not None
+        mu = self._group(self.mean)  # (B, H_kv, g, d)
+        cov = self._group(self.m2) / max(self.count, 1.0)  # (B, H_kv, g, d, d)
+        kt = keys.transpose(-1, -2)  # (B, H_kv, d, m)
+        linear = mu @ kt  # (B, H_kv, g, m)
+        ck = cov @ kt[:, :, None]  # (B, H_kv, g, d, m)
+        quad = (ck * kt[:, :, None]).sum(-2)  # (B, H_kv, g, m)
+        s = self.scale
+        return torch.logsumexp(s * linear + (0.5 * s * s) * quad, dim=2)
+
+
+class AccumulatedAttentionScorer(Scorer):
+    """H2O baseline: the attention weight each cached key has received so far.
+
+    Needs the attention weights of every step, so it forces explicit
+    attention scores (no fused kernel): a baseline for comparison, not a
+    constant-memory sketch of the stream. Its state lives per cached slot and
+    is kept by the :class:`~streamsketch.kv.KeySelector`; ``merge`` is not
+    defined for it.
+    """
+
+    name = "h2o"
+    needs_queries = True
+    needs_attention = True
+
+    def _score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("h2o scores come from the selector's accumulated attention")
+
+    def merge(self, other: Scorer) -> None:
+        raise TypeError(
+            "h2o keeps per-slot attention totals of one cache; they cannot be merged across streams"
+        )
+
+
+SCORERS: dict[str, type[Scorer]] = {
+    cls.name: cls
+    for cls in (
+        WindowScorer,
+        KNormScorer,
+        LeverageScorer,
+        QueryMeanScorer,
+        QueryGaussianScorer,
+        AccumulatedAttentionScorer,
+    )
+}
+
+
+def make_scorer(scorer: str | Scorer, **kwargs: Any) -> Scorer:
+    """A scorer from its name (one of ``SCORERS``) or an instance (returned as is)."""
+    if isinstance(scorer, Scorer):
+        return scorer
+    if not isinstance(scorer, str):
+        raise TypeError(f"scorer must be a name or a Scorer, got {type(scorer).__name__}")
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
+    return SCORERS[scorer](**kwargs)
+
+
+def _require_queries(scorer: Scorer) -> None:
+    if getattr(scorer, "mean", None) is None:
+        raise RuntimeError(
+            f"scorer {scorer.name!r} has seen no queries yet: pass queries to the selector "
+            "(with a transformers model, call streamsketch.kv.enable(model) first)"
+        )
+
+
+def _check_pos_int(name: str, val: Any) -> int:
+    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        raise ValueError(f"{name} must be a positive int, got {val!r}")
+    return int(val)

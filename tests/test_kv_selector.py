@@ -1,0 +1,271 @@
+"""KeySelector and scorers: layout, capacity, exact scorer states, merges, errors."""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from streamsketch.kv import (  # noqa: E402
+    SCORERS,
+    KeySelector,
+    LeverageScorer,
+    QueryGaussianScorer,
+    QueryMeanScorer,
+)
+from streamsketch.kv.evaluate import attention_mass_kept, oracle_mass_kept  # noqa: E402
+
+QUERY_SCORERS = [name for name, cls in SCORERS.items() if cls.needs_queries]
+
+
+def _stream(n, B=2, Hkv=2, g=2, d=8, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, Hkv, n, d, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, n, d, generator=gen).to(dtype)
+    q = torch.randn(B, Hkv * g, n, d, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _feed(sel, q, k, v, weights=False):
+    """One update, feeding attention weights over the physical keys for h2o."""
+    if not weights:
+        return sel.update(k, v, queries=q)
+    sel.append(k, v)
+    sel.observe_queries(q)
+    Hq, d = q.shape[1], q.shape[3]
+    keys = sel.keys.repeat_interleave(Hq // sel.num_kv_heads, dim=1)
+    logits = q @ keys.transpose(-1, -2) / math.sqrt(d)
+    sel.observe_attention(torch.softmax(logits, -1))
+    sel.compress()
+    return sel.keys, sel.values, sel.positions
+
+
+@pytest.mark.parametrize("scorer", sorted(SCORERS))
+def test_capacity_and_layout_over_long_stream(scorer):
+    sinks, budget, window = 3, 10, 5
+    sel = KeySelector(2, 8, budget, sinks=sinks, window=window, scorer=scorer)
+    q, k, v = _stream(400)
+    h2o = scorer == "h2o"
+    # Prefill a chunk, then decode one token at a time.
+    _feed(sel, q[:, :, :50], k[:, :, :50], v[:, :, :50], h2o)
+    assert len(sel) == sinks + budget + window
+    for t in range(50, 400):
+        keys, values, pos = _feed(
+            sel, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], h2o
+        )
+        assert keys.shape == (2, 2, sinks + budget + window, 8)
+        assert sel.n_seen == t + 1
+        # Layout [sinks | selected | window]; keys and values are the stream's at those positions.
+        assert torch.equal(pos[..., :sinks], torch.arange(sinks).expand(2, 2, sinks))
+        assert torch.equal(
+            pos[..., -window:], torch.arange(t + 1 - window, t + 1).expand(2, 2, window)
+        )
+        selected = pos[..., sinks:-window]
+        assert bool((selected >= sinks).all()) and bool((selected < t + 1 - window).all())
+        assert bool((selected.diff(dim=-1) > 0).all())
+        idx = pos[..., None].expand(-1, -1, -1, 8)
+        assert torch.equal(keys, torch.gather(k, 2, idx))
+        assert torch.equal(values, torch.gather(v, 2, idx))
+
+
+def test_short_streams_keep_everything():
+    sel = KeySelector(2, 8, budget=4, sinks=2, window=3, scorer="knorm")
+    _, k, v = _stream(9)
+    for t in range(9):
+        keys, _, pos = sel.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        assert keys.shape[2] == min(t + 1, 9)
+        assert torch.equal(pos[0, 0], torch.arange(t + 1))
+    keys, _, pos = sel.update(k[:, :, :1], v[:, :, :1])
+    assert keys.shape[2] == 9 and sel.n_seen == 10
+
+
+@pytest.mark.parametrize("scorer", ["knorm", "window"])
+def test_static_scores_chunking_invariant(scorer):
+    """With scores that do not change, streaming top-budget equals one-shot top-budget."""
+    _, k, v = _stream(300, seed=3)
+    one = KeySelector(2, 8, 20, sinks=4, window=16, scorer=scorer)
+    one.update(k, v)
+    many = KeySelector(2, 8, 20, sinks=4, window=16, scorer=scorer)
+    for lo in range(0, 300, 7):
+        many.update(k[:, :, lo : lo + 7], v[:, :, lo : lo + 7])
+    assert torch.equal(one.positions, many.positions)
+    assert torch.equal(one.keys, many.keys)
+    if scorer == "knorm":
+        # The selected keys are the smallest-norm older keys.
+        norms = torch.linalg.vector_norm(k[..., 4 : 300 - 16, :], dim=-1)
+        want = torch.sort(torch.topk(-norms, 20, dim=-1).indices, dim=-1).values + 4
+        assert torch.equal(one.positions[..., 4:-16], want)
+
+
+def test_leverage_scorer_matches_exact_ridge_leverage():
+    _, k, _ = _stream(200, B=1, Hkv=2, d=6, seed=5)
+    sc = LeverageScorer(2, 6, ridge=1e-2)
+    for lo in range(0, 200, 37):
+        sc.observe_keys(k[:, :, lo : lo + 37])
+    got = sc.score(k, torch.zeros(1, 2, 200, dtype=torch.long)).numpy()
+    for h in range(2):
+        K = k[0, h].double().numpy()
+        G = K.T @ K
+        lam = 1e-2 * np.trace(G) / 6
+        want = np.einsum("ij,jk,ik->i", K, np.linalg.inv(G + lam * np.eye(6)), K)
+        np.testing.assert_allclose(got[0, h], want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("half_life", [None, 7.0])
+def test_query_moments_streaming_equals_exact(half_life):
+    q, k, _ = _stream(120, B=2, Hkv=1, g=3, d=5, seed=2)
+    sc = QueryGaussianScorer(1, 5, half_life=half_life)
+    sc.observe_keys(k[:, :, :1])
+    for lo, hi in [(0, 1), (1, 40), (40, 41), (41, 120)]:
+        sc.observe_queries(q[:, :, lo:hi])
+    Q = q.double()
+    if half_life is None:
+        w = torch.ones(120, dtype=torch.float64)
+    else:
+        w = 2.0 ** (-torch.arange(119, -1, -1, dtype=torch.float64) / half_life)
+    mean = (Q * w[:, None]).sum(2) / w.sum()
+    C = Q - mean[:, :, None]
+    m2 = (C * w[:, None]).transpose(-1, -2) @ C
+    assert sc.count == pytest.approx(float(w.sum()), rel=1e-9)
+    torch.testing.assert_close(sc.mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sc.m2.double(), m2, rtol=1e-4, atol=1e-4)
+    # The Gaussian score is log E exp(s q.k) under N(mean, cov), log-sum-exp over the group.
+    keys = k[:, :, :4].double()
+    cov = m2 / w.sum()
+    s = 1 / math.sqrt(5)
+    a = s * torch.einsum("bhd,bkmd->bhm", mean, keys) + 0.5 * s * s * torch.einsum(
+        "bkmd,bhde,bkme->bhm", keys, cov, keys
+    )
+    want = torch.logsumexp(a, dim=1, keepdim=True)
+    got = sc.score(k[:, :, :4], torch.zeros(2, 1, 4, dtype=torch.long))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [QueryMeanScorer, QueryGaussianScorer, LeverageScorer])
+def test_merge_equals_one_stream(cls):
+    q, k, _ = _stream(90, seed=7)
+    a, b, whole = (cls(2, 8) for _ in range(3))
+    for sc, lo, hi in ((a, 0, 50), (b, 50, 90), (whole, 0, 90)):
+        sc.observe_keys(k[:, :, lo:hi])
+        sc.observe_queries(q[:, :, lo:hi])
+    before = {name: t.clone() for name, t in b.state().items()}
+    a.merge(b)
+    for name, t in whole.state().items():
+        torch.testing.assert_close(a.state()[name], t, rtol=1e-5, atol=1e-4)
+    for name, t in b.state().items():
+        assert torch.equal(t, before[name])
+    with pytest.raises(TypeError, match="merge"):
+        a.merge(KNormLike())
+    with pytest.raises(ValueError, match="head"):
+        a.merge(cls(2, 4))
+
+
+class KNormLike(QueryMeanScorer.__mro__[-2]):  # the Scorer base
+    def __init__(self):
+        super().__init__(2, 8)
+
+
+def test_merge_refuses_other_half_life():
+    a, b = QueryMeanScorer(1, 4, half_life=8), QueryMeanScorer(1, 4, half_life=16)
+    q = torch.randn(1, 1, 3, 4)
+    a.observe_queries(q)
+    b.observe_queries(q)
+    mean = a.mean.clone()
+    with pytest.raises(ValueError, match="half_life"):
+        a.merge(b)
+    assert torch.equal(a.mean, mean)
+
+
+def test_state_is_constant_size():
+    sel = KeySelector(3, 16, budget=32, sinks=4, window=8, scorer="leverage+query")
+    q, k, v = _stream(2000, B=1, Hkv=3, g=3, d=16, seed=1)
+    sel.update(k[:, :, :100], v[:, :, :100], queries=q[:, :, :100])
+    size = sel.nbytes
+    for lo in range(100, 2000, 50):
+        sel.update(k[:, :, lo : lo + 50], v[:, :, lo : lo + 50], queries=q[:, :, lo : lo + 50])
+        assert sel.nbytes == size
+    # O(d^2) scorer state per query head: mean and second moment, float32.
+    assert sel.scorer.nbytes == 4 * 9 * (16 + 16 * 16) + 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_cache_float32_state(dtype):
+    q, k, v = _stream(200, dtype=dtype)
+    sel = KeySelector(2, 8, 16, sinks=2, window=8, scorer="leverage+query")
+    keys, values, _ = sel.update(k, v, queries=q)
+    assert keys.dtype == dtype and values.dtype == dtype
+    assert all(
+        t.dtype == torch.float32 for t in sel.scorer.state().values() if t.is_floating_point()
+    )
+    assert keys.shape[2] == 26
+
+
+def test_errors_name_argument_and_leave_state():
+    q, k, v = _stream(40)
+    sel = KeySelector(2, 8, 8, sinks=2, window=4, scorer="query")
+    sel.update(k[:, :, :20], v[:, :, :20], queries=q[:, :, :20])
+    snap = (sel.keys.clone(), sel.positions.clone(), sel.scorer.mean.clone(), sel.n_seen)
+    bad_calls = [
+        (ValueError, "queries", lambda: sel.update(k[:, :, 20:21], v[:, :, 20:21])),
+        (
+            ValueError,
+            "queries",
+            lambda: sel.update(k[:, :, 20:21], v[:, :, 20:21], q[:, :3, 20:21]),
+        ),
+        (ValueError, "keys", lambda: sel.update(k[:, :1, 20:21], v[:, :1, 20:21], q[:, :, 20:21])),
+        (ValueError, "values", lambda: sel.update(k[:, :, 20:22], v[:, :, 20:21], q[:, :, 20:22])),
+        (
+            TypeError,
+            "keys",
+            lambda: sel.update(k[:, :, 20:21].numpy(), v[:, :, 20:21], q[:, :, 20:21]),
+        ),
+        (
+            TypeError,
+            "keys",
+            lambda: sel.update(k[:, :, 20:21].long(), v[:, :, 20:21], q[:, :, 20:21]),
+        ),
+        (ValueError, "at least one", lambda: sel.update(k[:, :, :0], v[:, :, :0], q[:, :, :0])),
+        (
+            ValueError,
+            "batch",
+            lambda: sel.update(k[:1, :, 20:21], v[:1, :, 20:21], q[:1, :, 20:21]),
+        ),
+    ]
+    for exc, match, call in bad_calls:
+        with pytest.raises(exc, match=match):
+            call()
+        assert torch.equal(sel.keys, snap[0]) and torch.equal(sel.positions, snap[1])
+        assert torch.equal(sel.scorer.mean, snap[2]) and sel.n_seen == snap[3]
+    for kwargs, match in (
+        ({"budget": -1}, "budget"),
+        ({"budget": 2.5}, "budget"),
+        ({"budget": 4, "sinks": -1}, "sinks"),
+        ({"budget": 4, "scorer": "nope"}, "scorer"),
+        ({"budget": 4, "dtype": torch.int32}, "dtype"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            KeySelector(2, 8, **kwargs)
+
+
+def test_mass_kept_measure_bounds():
+    """Mass kept is in [0, 1], reaches 1 with room for everything, and the oracle bounds it."""
+    q, k, _ = _stream(160, B=1, Hkv=2, g=2, d=8, seed=4)
+    k[..., 0] *= 3.0
+    full = attention_mass_kept(q, k, lambda: KeySelector(2, 8, 200, sinks=4, window=8), prefill=60)
+    torch.testing.assert_close(full, torch.ones_like(full))
+    for scorer in ("window", "knorm", "query", "leverage"):
+        m = attention_mass_kept(
+            q, k, lambda s=scorer: KeySelector(2, 8, 12, sinks=4, window=8, scorer=s), prefill=60
+        )
+        assert m.shape == (1, 4, 100)
+        assert bool((m > 0).all()) and bool((m <= 1 + 1e-5).all())
+    oracle = oracle_mass_kept(q, k, budget=12, sinks=4, window=8, prefill=60)
+    # Per KV head the oracle picks the older keys of largest group-summed mass, which no
+    # selector with the same parts beats on the group total.
+    for scorer in ("window", "knorm", "query"):
+        m = attention_mass_kept(
+            q, k, lambda s=scorer: KeySelector(2, 8, 12, sinks=4, window=8, scorer=s), prefill=60
+        )
+        grouped = m.reshape(1, 2, 2, 100).sum(2)
+        assert bool((grouped <= oracle.reshape(1, 2, 2, 100).sum(2) + 1e-5).all())
