@@ -278,7 +278,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .kv import KeySelector, SketchCache, enable
     from .kv.evaluate import attention_mass_kept, oracle_mass_kept
-    from .kv.model import perplexity, record_queries_keys
+    from .kv.model import perplexity, record_attention_inputs
 
     methods = args.scorers or list(_METHODS)
     unknown = [m for m in methods if m not in _METHODS]
@@ -294,13 +294,13 @@ def _eval(args: argparse.Namespace) -> int:
     started = time.time()
 
     # Attention mass kept: replay the full run's queries and keys of every layer.
-    queries, keys, scale = record_queries_keys(model, ids)
+    queries, keys, values, scale = record_attention_inputs(model, ids)
     h_kv, d = keys[0].shape[1], keys[0].shape[3]
 
     def mass(total: int, scorer: str | None, how: str) -> float:
         s, b, w = _split(total, how)
         vals = []
-        for q, k in zip(queries, keys, strict=True):
+        for q, k, v in zip(queries, keys, values, strict=True):
             if scorer is None:
                 m = oracle_mass_kept(
                     q, k, budget=b, sinks=s, window=w, prefill=prefill, scale=scale
@@ -309,6 +309,7 @@ def _eval(args: argparse.Namespace) -> int:
                 m = attention_mass_kept(
                     q,
                     k,
+                    v,
                     lambda: KeySelector(h_kv, d, b, sinks=s, window=w, scorer=scorer, scale=scale),
                     prefill=prefill,
                     scale=scale,

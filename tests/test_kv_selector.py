@@ -250,13 +250,15 @@ def test_errors_name_argument_and_leave_state():
 
 def test_mass_kept_measure_bounds():
     """Mass kept is in [0, 1], reaches 1 with room for everything, and the oracle bounds it."""
-    q, k, _ = _stream(160, B=1, Hkv=2, g=2, d=8, seed=4)
+    q, k, v = _stream(160, B=1, Hkv=2, g=2, d=8, seed=4)
     k[..., 0] *= 3.0
-    full = attention_mass_kept(q, k, lambda: KeySelector(2, 8, 200, sinks=4, window=8), prefill=60)
+    full = attention_mass_kept(
+        q, k, v, lambda: KeySelector(2, 8, 200, sinks=4, window=8), prefill=60
+    )
     torch.testing.assert_close(full, torch.ones_like(full))
     for scorer in ("window", "knorm", "query", "leverage"):
         m = attention_mass_kept(
-            q, k, lambda s=scorer: KeySelector(2, 8, 12, sinks=4, window=8, scorer=s), prefill=60
+            q, k, v, lambda s=scorer: KeySelector(2, 8, 12, sinks=4, window=8, scorer=s), prefill=60
         )
         assert m.shape == (1, 4, 100)
         assert bool((m > 0).all()) and bool((m <= 1 + 1e-5).all())
@@ -265,7 +267,7 @@ def test_mass_kept_measure_bounds():
     # selector with the same parts beats on the group total.
     for scorer in ("window", "knorm", "query"):
         m = attention_mass_kept(
-            q, k, lambda s=scorer: KeySelector(2, 8, 12, sinks=4, window=8, scorer=s), prefill=60
+            q, k, v, lambda s=scorer: KeySelector(2, 8, 12, sinks=4, window=8, scorer=s), prefill=60
         )
         grouped = m.reshape(1, 2, 2, 100).sum(2)
         assert bool((grouped <= oracle.reshape(1, 2, 2, 100).sum(2) + 1e-5).all())

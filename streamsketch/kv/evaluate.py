@@ -38,6 +38,7 @@ def _softmax_rows(
 def attention_mass_kept(
     queries: torch.Tensor,
     keys: torch.Tensor,
+    values: torch.Tensor,
     make_selector: Callable[[], KeySelector],
     *,
     prefill: int,
@@ -50,8 +51,9 @@ def attention_mass_kept(
     ----------
     queries : torch.Tensor
         ``(B, H_q, n, d)`` queries of one layer from a full-cache run (after RoPE).
-    keys : torch.Tensor
-        ``(B, H_kv, n, d)`` the keys of the same run.
+    keys, values : torch.Tensor
+        ``(B, H_kv, n, d)`` the keys and values of the same run (values matter to
+        value-weighted scorers).
     make_selector : callable
         Returns a fresh :class:`KeySelector` (called once).
     prefill : int
@@ -80,6 +82,9 @@ def attention_mass_kept(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q = queries.to(torch.float32)
     k = keys.to(torch.float32)
+    v = values.to(torch.float32)
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"values must match keys in (B, H_kv, n), got {tuple(v.shape)}")
     Hkv = k.shape[1]
     g = Hq // Hkv
     sel = make_selector()
@@ -87,7 +92,7 @@ def attention_mass_kept(
     out = torch.empty(B, Hq, n - prefill)
 
     def step(lo: int, hi: int) -> None:
-        sel.append(k[:, :, lo:hi], k[:, :, lo:hi])
+        sel.append(k[:, :, lo:hi], v[:, :, lo:hi])
         sel.observe_queries(q[:, :, lo:hi])
         if needs_attention:
             assert sel.keys is not None and sel.positions is not None

@@ -9,6 +9,8 @@ Python install has.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import math
 import time
@@ -25,7 +27,7 @@ __all__ = [
     "load_model",
     "long_text_ids",
     "model_folder",
-    "record_queries_keys",
+    "record_attention_inputs",
 ]
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,9 +63,14 @@ def load_model(
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    # The GGUF de-quantisation bar would interleave with the caller's own progress.
+    # The loading and GGUF de-quantisation bars would interleave with the caller's own
+    # progress; the GGUF one is a plain tqdm in that module, so it is muted there.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=dtype)
@@ -71,6 +78,8 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
     return model.to(device).eval(), tokenizer
 
 
@@ -142,13 +151,14 @@ def perplexity(nll: torch.Tensor) -> float:
     return math.exp(float(nll.double().mean()))
 
 
-def record_queries_keys(
+def record_attention_inputs(
     model: Any, ids: torch.Tensor
-) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
-    """Queries and keys (after RoPE) of every layer for one full causal forward over ``ids``.
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], float]:
+    """Queries, keys (after RoPE) and values of every layer for one causal forward over ``ids``.
 
-    Returns ``(queries, keys, scaling)``: per layer ``(1, H_q, n, d)`` and
-    ``(1, H_kv, n, d)`` float32 on the CPU, and the model's logit scale.
+    Returns ``(queries, keys, values, scaling)``: per layer ``(1, H_q, n, d)``,
+    ``(1, H_kv, n, d)`` and ``(1, H_kv, n, d)`` float32 on the CPU, and the
+    model's logit scale.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -157,16 +167,23 @@ def record_queries_keys(
     base = AttentionInterface()[impl]
     queries: dict[int, torch.Tensor] = {}
     keys: dict[int, torch.Tensor] = {}
+    values: dict[int, torch.Tensor] = {}
     scaling: list[float] = []
 
     def record(
-        module: Any, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
     ) -> Any:
         queries[module.layer_idx] = query.detach().float().cpu()
         keys[module.layer_idx] = key.detach().float().cpu()
+        values[module.layer_idx] = value.detach().float().cpu()
         if not scaling:
             scaling.append(float(kwargs.get("scaling", module.scaling)))
-        return base(module, query, key, *args, **kwargs)
+        return base(module, query, key, value, *args, **kwargs)
 
     name = "streamsketch_record"
     AttentionInterface.register(name, record)
@@ -180,7 +197,12 @@ def record_queries_keys(
     finally:
         _set_implementation(model, impl)
     order = sorted(queries)
-    return [queries[i] for i in order], [keys[i] for i in order], scaling[0]
+    return (
+        [queries[i] for i in order],
+        [keys[i] for i in order],
+        [values[i] for i in order],
+        scaling[0],
+    )
 
 
 def _sync(device: torch.device) -> None:
