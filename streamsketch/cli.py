@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    args.command_line = "streamsketch " + " ".join(argv)
     if args.command is None:
         ap.print_help()
         return 0
@@ -377,6 +379,7 @@ def _eval(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "torch_threads": torch.get_num_threads(),
         "seconds": round(time.time() - started, 1),
+        "command": getattr(args, "command_line", "streamsketch eval"),
     }
     _write(args.out, meta, results, ppl_full)
     return 0
@@ -401,7 +404,7 @@ def _write(
         f"{meta['model']}; {meta['text']}; prefill {meta['prefill']}, then teacher-forced "
         f"decoding one token at a time; {meta['device']} {meta['dtype']}, "
         f"{meta['torch_threads']} threads; {meta['seconds']} s in all. Command: "
-        "`streamsketch eval`.",
+        f"`{meta['command']}`.",
         "",
         "Mass kept: for every decode query, layer and query head, the fraction of its full "
         "softmax attention that falls on the keys kept at that step (replaying the full-cache "

@@ -271,3 +271,31 @@ def test_mass_kept_measure_bounds():
         )
         grouped = m.reshape(1, 2, 2, 100).sum(2)
         assert bool((grouped <= oracle.reshape(1, 2, 2, 100).sum(2) + 1e-5).all())
+
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that copies a tensor element to the host (what .item() does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scorer", sorted(SCORERS))
+def test_decode_steps_never_read_device_scalars(scorer):
+    """No host synchronisation per step: no op pulls a tensor value to Python."""
+    q, k, v = _stream(120, B=2, Hkv=2, g=3, d=8, seed=9)
+    sel = KeySelector(2, 8, 12, sinks=2, window=6, scorer=scorer)
+    h2o = scorer == "h2o"
+    _feed(sel, q[:, :, :60], k[:, :, :60], v[:, :, :60], h2o)
+    mode = _ScalarReads()
+    with mode:
+        for t in range(60, 120):
+            _feed(sel, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], h2o)
+    assert mode.reads == []
+    assert len(sel) == 20

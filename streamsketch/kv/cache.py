@@ -72,8 +72,10 @@ class SketchCacheLayer(CacheLayerMixin):
         window: int,
         scorer: str,
         scorer_kwargs: dict[str, Any] | None = None,
+        layer_idx: int | None = None,
     ) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.budget, self.sinks, self.window = budget, sinks, window
         self.scorer_name = scorer
         self.scorer_kwargs = dict(scorer_kwargs or {})
@@ -250,9 +252,9 @@ class SketchCache(Cache):
             make_scorer(scorer, num_kv_heads=1, head_dim=1, **scorer_kwargs)
         super().__init__(layers=[])
 
-    def _new_layer(self) -> SketchCacheLayer:
+    def _new_layer(self, layer_idx: int) -> SketchCacheLayer:
         return SketchCacheLayer(
-            self.budget, self.sinks, self.window, self.scorer, self.scorer_kwargs
+            self.budget, self.sinks, self.window, self.scorer, self.scorer_kwargs, layer_idx
         )
 
     def update(
@@ -264,7 +266,7 @@ class SketchCache(Cache):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.layers) <= layer_idx:
-            self.layers.append(self._new_layer())
+            self.layers.append(self._new_layer(len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property

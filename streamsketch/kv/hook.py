@@ -56,7 +56,9 @@ def _make_attention(base: Callable[..., Any]) -> Callable[..., Any]:
     ) -> Any:
         out = base(module, query, key, value, attention_mask, *args, **kwargs)
         layer = getattr(_PENDING, "layer", None)
-        if isinstance(layer, SketchCacheLayer):
+        idx = getattr(module, "layer_idx", None)
+        # The layer updated just before this attention call, and only that one.
+        if isinstance(layer, SketchCacheLayer) and idx in (None, layer.layer_idx):
             _PENDING.layer = None
             weights = None
             scorer = layer.scorer

@@ -199,7 +199,8 @@ class KeySelector:
         pos = torch.arange(self.n_seen, self.n_seen + c, device=self.device)
         pos = pos.expand(B, self.num_kv_heads, c)
         if self.keys is None:
-            self.keys, self.values, self.positions = keys, values, pos
+            # Own copies: the selector must not alias the caller's tensors.
+            self.keys, self.values, self.positions = keys.clone(), values.clone(), pos
         else:
             assert self.values is not None and self.positions is not None
             self.keys = torch.cat([self.keys, keys], dim=2)
