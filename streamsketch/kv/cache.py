@@ -33,10 +33,10 @@ __all__ = ["SketchCache", "SketchCacheLayer", "split_total"]
 # The layer whose queries the next attention call should feed (set by update, read by the hook).
 _PENDING = threading.local()
 
-# Default split of a total per-head size, measured by ``streamsketch eval`` (see docs).
+# Defaults measured with ``streamsketch eval`` and 1 536-token texts (see docs/kv.md).
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW_FRACTION = 0.5
-DEFAULT_SCORER = "query"
+DEFAULT_SCORER = "leverage+query"
 
 
 def split_total(total: int, sinks: int = DEFAULT_SINKS) -> tuple[int, int, int]:
@@ -196,7 +196,9 @@ class SketchCache(Cache):
         Recent tokens always kept (default: half of ``budget + window`` when
         ``total`` is given, 64 with an explicit ``budget``).
     scorer : str, optional
-        A name of :data:`streamsketch.kv.SCORERS`; default ``"query"``.
+        A name of :data:`streamsketch.kv.SCORERS`; default ``"leverage+query"``
+        (lowest perplexity of the library's scorers on every text measured, see
+        ``docs/kv.md``).
         Query-aware scorers need :func:`streamsketch.kv.enable` on the model.
     **scorer_kwargs
         Passed to the scorer's constructor (e.g. ``half_life``).

@@ -39,7 +39,8 @@ class KeySelector:
         Most recent tokens always kept.
     scorer : str or Scorer, default "leverage+query"
         ``"leverage+query"`` (expected softmax weight under a Gaussian model of
-        past queries), ``"query"`` (expected logit under the mean query),
+        recent queries; the measured best), ``"query"`` (expected logit under
+        the recent mean query),
         ``"leverage"`` (ridge leverage of keys), ``"knorm"``, ``"window"``,
         ``"h2o"`` (accumulated attention; a baseline that needs attention
         weights), or a :class:`~streamsketch.kv.scorers.Scorer` instance.
