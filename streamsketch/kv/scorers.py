@@ -466,14 +466,14 @@ class QueryGaussianScorer(_QueryMoments):
     the heads of a group; moments exponentially weighted like
     :class:`QueryMeanScorer`.
 
-    The default scorer of :class:`~streamsketch.kv.SketchCache`: on SmolLM2
-    it gave the lowest perplexity of the library's scorers on every text
-    measured (total 256: +5.0%, +8.6%, +9.6% on three 1 536-token texts
-    against +6.3%, +9.3%, +11.9% for :class:`QueryMeanScorer`; +22.5% vs
-    +23.9% on a 3 072-token text), although it keeps slightly less
-    attention *mass* (0.860 vs 0.880 at total 128): the variance term
-    favours keys whose logits swing high for some queries, and those are
-    the keys whose loss hurts the prediction most.
+    The default scorer of :class:`~streamsketch.kv.SketchCache`: on SmolLM2,
+    at the same split, it gave the lowest perplexity of the library's
+    scorers on every text measured (total 256, half window: +5.0%, +8.6%
+    on two 1 536-token texts against +6.3%, +9.3% for
+    :class:`QueryMeanScorer`; +22.5% vs +23.9% on a 3 072-token text),
+    although it keeps slightly less attention *mass* (0.860 vs 0.880 at
+    total 128). A plausible reading: the variance term keeps keys whose
+    logits swing high for some queries, which a mass average undervalues.
 
     State: mean ``(B, H_q, d)`` and centred second moment ``(B, H_q, d, d)``,
     float32. Cost O(c d^2) per observed chunk, O(m d^2 g) per ``score``.
