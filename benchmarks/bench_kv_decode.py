@@ -19,20 +19,7 @@ import torch
 from _common import load_average, machine
 
 from streamsketch.kv import SketchCache, enable
-from streamsketch.kv.model import load_model, long_text_ids
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _kv_bytes(cache) -> int:
-    if isinstance(cache, SketchCache):
-        return cache.nbytes
-    return sum(
-        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-    )
+from streamsketch.kv.model import kv_cache_nbytes, load_model, long_text_ids, synchronize
 
 
 def main() -> None:
@@ -65,19 +52,19 @@ def main() -> None:
             pos = ctx
             for _ in range(args.rounds):
                 for name, cache in caches.items():
-                    _sync(device)
+                    synchronize(device)
                     t0 = time.perf_counter()
                     for i in range(pos, pos + args.steps):
                         model(ids[:, i : i + 1], past_key_values=cache)
-                    _sync(device)
+                    synchronize(device)
                     best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
                 pos += args.steps
         row = {
             "context": ctx,
             "full_ms": 1000 * best["full"],
             "sketch_ms": 1000 * best["sketch"],
-            "full_kv": _kv_bytes(caches["full"]),
-            "sketch_kv": _kv_bytes(caches["sketch"]),
+            "full_kv": kv_cache_nbytes(caches["full"]),
+            "sketch_kv": kv_cache_nbytes(caches["sketch"]),
         }
         rows.append(row)
         print(

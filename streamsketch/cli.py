@@ -152,19 +152,6 @@ def _run(
         return decode_nll(model, ids, prefill, cache, progress=lambda k: bar.update(1))
 
 
-def _kv_bytes(cache: Any) -> int:
-    from .kv import SketchCache
-
-    if isinstance(cache, SketchCache):
-        return cache.nbytes
-    total = 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total
-
-
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -194,7 +181,7 @@ def _demo(args: argparse.Namespace) -> int:
     from transformers import DynamicCache
 
     from .kv import enable
-    from .kv.model import perplexity
+    from .kv.model import kv_cache_nbytes, perplexity
 
     cache = _sketch_cache(args, args.total, args.scorer)
     model, tokenizer, ids = _setup(args)
@@ -219,9 +206,8 @@ def _demo(args: argparse.Namespace) -> int:
     ]
     print(f"{'':12s} {'KV memory':>12s} {'tokens/s':>9s} {'perplexity':>11s}")
     for name, c, nll, sec in rows:
-        print(
-            f"{name:12s} {_fmt_bytes(_kv_bytes(c)):>12s} {steps / sec:9.1f} {perplexity(nll):11.3f}"
-        )
+        memory = _fmt_bytes(kv_cache_nbytes(c))
+        print(f"{name:12s} {memory:>12s} {steps / sec:9.1f} {perplexity(nll):11.3f}")
     ppl_full, ppl_sk = perplexity(nll_full), perplexity(nll_sk)
     print(f"perplexity change: {100 * (ppl_sk / ppl_full - 1):+.2f}%")
     if args.generate > 0:

@@ -24,10 +24,12 @@ __all__ = [
     "GGUF_NAME",
     "ModelMissingError",
     "decode_nll",
+    "kv_cache_nbytes",
     "load_model",
     "long_text_ids",
     "model_folder",
     "record_attention_inputs",
+    "synchronize",
 ]
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,7 +134,7 @@ def decode_nll(
         logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         # gather with a tensor index: plain indexing by a 0-d tensor would sync the device.
         nll[0:1] = -logp[0].gather(0, ids[0, prefill : prefill + 1])
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for t in range(prefill, n - 1):
             out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
@@ -141,7 +143,7 @@ def decode_nll(
             nll[j : j + 1] = -logp[0].gather(0, ids[0, t + 1 : t + 2])
             if progress is not None:
                 progress(t + 1 - prefill)
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
     return nll.cpu(), seconds
 
@@ -205,6 +207,21 @@ def record_attention_inputs(
     )
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so wall times mean something."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def kv_cache_nbytes(cache: Any) -> int:
+    """Bytes a transformers cache holds: its layers' keys and values, plus the sketch state."""
+    from .cache import SketchCache
+
+    if isinstance(cache, SketchCache):
+        return cache.nbytes
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )

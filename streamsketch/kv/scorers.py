@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._validation import check_int
+
 __all__ = [
     "SCORERS",
     "AccumulatedAttentionScorer",
@@ -79,10 +81,10 @@ class Scorer:
         device: torch.device | str | None = None,
         value_weighted: bool | None = None,
     ) -> None:
-        num_kv_heads = _check_pos_int("num_kv_heads", num_kv_heads)
-        head_dim = _check_pos_int("head_dim", head_dim)
+        num_kv_heads = check_int(num_kv_heads, "num_kv_heads", minimum=1)
+        head_dim = check_int(head_dim, "head_dim", minimum=1)
         if num_q_heads is not None:
-            num_q_heads = _check_pos_int("num_q_heads", num_q_heads)
+            num_q_heads = check_int(num_q_heads, "num_q_heads", minimum=1)
             if num_q_heads % num_kv_heads:
                 raise ValueError(
                     f"num_q_heads ({num_q_heads}) must be a multiple of "
@@ -548,9 +550,3 @@ def _require_queries(scorer: Scorer) -> None:
             f"scorer {scorer.name!r} has seen no queries yet: pass queries to the selector "
             "(with a transformers model, call streamsketch.kv.enable(model) first)"
         )
-
-
-def _check_pos_int(name: str, val: Any) -> int:
-    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-        raise ValueError(f"{name} must be a positive int, got {val!r}")
-    return int(val)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._validation import check_int
 from .scorers import Scorer, make_scorer
 
 __all__ = ["KeySelector"]
@@ -86,9 +87,9 @@ class KeySelector:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.budget = _check_count("budget", budget)
-        self.sinks = _check_count("sinks", sinks)
-        self.window = _check_count("window", window)
+        self.budget = check_int(budget, "budget", minimum=0)
+        self.sinks = check_int(sinks, "sinks", minimum=0)
+        self.window = check_int(window, "window", minimum=0)
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
         self.device = torch.device("cpu") if device is None else torch.device(device)
@@ -322,9 +323,3 @@ class KeySelector:
             f"budget={self.budget}, sinks={self.sinks}, window={self.window}, "
             f"scorer={self.scorer.name!r}, n_seen={self.n_seen})"
         )
-
-
-def _check_count(name: str, val: Any) -> int:
-    if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {val!r}")
-    return int(val)
