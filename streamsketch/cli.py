@@ -213,14 +213,11 @@ def _demo(args: argparse.Namespace) -> int:
     if args.generate > 0:
         prompt = ids[:, :prefill].to(model.device)
         kwargs = {"max_new_tokens": args.generate, "do_sample": False}
-        from .kv import SketchCache
 
         with torch.no_grad():
             g_full = model.generate(prompt, past_key_values=DynamicCache(), **kwargs)
-            sk = SketchCache(
-                budget=cache.budget, sinks=cache.sinks, window=cache.window, scorer=cache.scorer
-            )
-            g_sk = model.generate(prompt, past_key_values=sk, **kwargs)
+            sketch = _sketch_cache(args, args.total, args.scorer)
+            g_sk = model.generate(prompt, past_key_values=sketch, **kwargs)
         a, b = g_full[0, prefill:], g_sk[0, prefill:]
         m = min(len(a), len(b))
         same = int((a[:m] == b[:m]).sum())

@@ -83,26 +83,16 @@ class SketchCacheLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        scorer = self.scorer_name
-        if self.scorer_kwargs:
-            from .scorers import make_scorer
-
-            scorer = make_scorer(
-                scorer,
-                num_kv_heads=key_states.shape[1],
-                head_dim=key_states.shape[3],
-                device=key_states.device,
-                **self.scorer_kwargs,
-            )
         self.selector = KeySelector(
             key_states.shape[1],
             key_states.shape[3],
             self.budget,
             sinks=self.sinks,
             window=self.window,
-            scorer=scorer,
+            scorer=self.scorer_name,
             device=key_states.device,
             dtype=key_states.dtype,
+            scorer_kwargs=self.scorer_kwargs,
         )
         self.is_initialized = True
 
@@ -244,14 +234,11 @@ class SketchCache(Cache):
         window = 64 if window is None else window
         scorer = DEFAULT_SCORER if scorer is None else scorer
         # Validate everything now, not at the first forward step.
-        probe = KeySelector(1, 1, budget, sinks=sinks, window=window, scorer=scorer)
-        del probe
+        KeySelector(
+            1, 1, budget, sinks=sinks, window=window, scorer=scorer, scorer_kwargs=scorer_kwargs
+        )
         self.budget, self.sinks, self.window, self.scorer = budget, sinks, window, scorer
         self.scorer_kwargs = scorer_kwargs
-        if scorer_kwargs:
-            from .scorers import make_scorer
-
-            make_scorer(scorer, num_kv_heads=1, head_dim=1, **scorer_kwargs)
         super().__init__(layers=[])
 
     def _new_layer(self, layer_idx: int) -> SketchCacheLayer:

@@ -118,8 +118,7 @@ class Scorer:
         if not self.needs_queries:
             return
         if self.num_q_heads is None:
-            if not isinstance(queries, torch.Tensor) or queries.dim() != 4:
-                raise ValueError("queries must have shape (B, H_q, n, d)")
+            check_head_tensor("queries", queries)
             if queries.shape[1] % self.num_kv_heads:
                 raise ValueError(
                     f"queries' heads ({queries.shape[1]}) must be a multiple of "
@@ -219,14 +218,11 @@ class Scorer:
         self._check_tensor("keys", keys, self.num_kv_heads)
 
     def _check_tensor(self, name: str, t: Any, heads: int) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4 or t.shape[1] != heads or t.shape[3] != self.head_dim:
+        check_head_tensor(name, t)
+        if t.shape[1] != heads or t.shape[3] != self.head_dim:
             raise ValueError(
                 f"{name} must have shape (B, {heads}, n, {self.head_dim}), got {tuple(t.shape)}"
             )
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
     def _group(self, queries: torch.Tensor) -> torch.Tensor:
         """``(B, H_q, ...)`` -> ``(B, H_kv, g, ...)``."""
@@ -542,6 +538,16 @@ def make_scorer(scorer: str | Scorer, **kwargs: Any) -> Scorer:
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
     return SCORERS[scorer](**kwargs)
+
+
+def check_head_tensor(name: str, t: Any) -> None:
+    """Refuse anything but a floating-point ``(B, H, n, d)`` tensor; the error names ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, H, n, d), got {tuple(t.shape)}")
 
 
 def _require_queries(scorer: Scorer) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .._validation import check_int
-from .scorers import Scorer, make_scorer
+from .scorers import Scorer, check_head_tensor, make_scorer
 
 __all__ = ["KeySelector"]
 
@@ -54,6 +54,8 @@ class KeySelector:
     dtype : torch.dtype, optional
         Dtype of the kept keys/values (float32, float16 or bfloat16); taken
         from the first chunk when None. Scorer state is float32 regardless.
+    scorer_kwargs : dict, optional
+        Extra arguments of a named scorer (e.g. ``{"half_life": 64}``).
 
     Notes
     -----
@@ -86,6 +88,7 @@ class KeySelector:
         scale: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        scorer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.budget = check_int(budget, "budget", minimum=0)
         self.sinks = check_int(sinks, "sinks", minimum=0)
@@ -93,6 +96,8 @@ class KeySelector:
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        if scorer_kwargs and not isinstance(scorer, str):
+            raise ValueError("scorer_kwargs go with a scorer name, not a Scorer instance")
         self.scorer = make_scorer(
             scorer,
             num_kv_heads=num_kv_heads,
@@ -100,6 +105,7 @@ class KeySelector:
             num_q_heads=num_q_heads,
             scale=scale,
             device=self.device,
+            **(scorer_kwargs or {}),
         )
         if self.scorer.num_kv_heads != num_kv_heads or self.scorer.head_dim != head_dim:
             raise ValueError("scorer's num_kv_heads/head_dim differ from the selector's")
@@ -122,8 +128,6 @@ class KeySelector:
         # Accumulated attention per kept slot (only for scorers that read attention).
         self.slot_attention: torch.Tensor | None = None
         self.n_seen = 0
-        self._n_sinks = 0
-        self._n_window = 0
         self._pending = 0
         self.scorer.reset()
 
@@ -243,7 +247,6 @@ class KeySelector:
         n_cand = n_phys - n_sinks - n_window
         n_keep = min(self.budget, n_cand)
         self._pending = 0
-        self._n_sinks, self._n_window = n_sinks, n_window
         if n_keep == n_cand:
             return
         lo, hi = n_sinks, n_phys - n_window
@@ -279,11 +282,8 @@ class KeySelector:
 
     def _check_kv(self, keys: Any, values: Any) -> None:
         for name, t in (("keys", keys), ("values", values)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if not t.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-            if t.dim() != 4 or t.shape[1] != self.num_kv_heads:
+            check_head_tensor(name, t)
+            if t.shape[1] != self.num_kv_heads:
                 raise ValueError(
                     f"{name} must have shape (B, {self.num_kv_heads}, c, d), got {tuple(t.shape)}"
                 )
@@ -297,18 +297,14 @@ class KeySelector:
             raise ValueError("keys must hold at least one token")
 
     def _check_queries(self, queries: Any, keys: Any) -> None:
-        if not isinstance(queries, torch.Tensor):
-            raise TypeError(f"queries must be a torch.Tensor, got {type(queries).__name__}")
-        if not queries.is_floating_point():
-            raise TypeError(f"queries must be a floating-point tensor, got {queries.dtype}")
+        check_head_tensor("queries", queries)
         expected = self.num_q_heads
-        ok = queries.dim() == 4 and queries.shape[3] == self.head_dim
-        ok = ok and (
+        ok = queries.shape[3] == self.head_dim and (
             queries.shape[1] == expected
             if expected is not None
             else queries.shape[1] % self.num_kv_heads == 0
         )
-        if isinstance(keys, torch.Tensor) and keys.dim() == 4 and queries.dim() == 4:
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
             ok = ok and queries.shape[0] == keys.shape[0] and queries.shape[2] == keys.shape[2]
         if not ok:
             heads = "H_q" if expected is None else expected
