@@ -14,7 +14,8 @@ Writes ``benchmarks/results/attention_speed.{md,png}`` (``_quick`` suffix
 with ``--quick``).
 
 Usage: ``python benchmarks/bench_attention.py [--quick] [--device cpu|cuda]
-[--n 4096 8192 16384 32768] [--threads 2] [--out benchmarks/results]``
+[--dtype float32|bfloat16|float16] [--n 4096 8192 16384 32768] [--threads 2]
+[--out benchmarks/results]``
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda if available)")
     ap.add_argument("--n", type=int, nargs="+", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="q, k, v dtype (SDPA's flash kernel on CUDA needs bfloat16 or float16)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--hyper-block", type=int, default=256)
     ap.add_argument("--hyper-sample", type=int, default=256)
@@ -117,6 +124,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     ns = sorted(args.n or ([1024, 2048, 4096] if args.quick else [4096, 8192, 16384, 32768]))
     B, H, d = 1, 8, 64
@@ -125,7 +133,7 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
 
     def qkv(n: int) -> list[torch.Tensor]:
-        return [torch.randn(B, H, n, d, generator=gen, device=device) for _ in range(3)]
+        return [torch.randn(B, H, n, d, generator=gen, device=device).to(dtype) for _ in range(3)]
 
     for fn in candidates(*qkv(ns[0]), args).values():  # warm-up: allocator, lazy init
         run(fn)
@@ -141,7 +149,7 @@ def main() -> None:
             times.setdefault(name, {})[n] = t
         print(
             f"n={n}: "
-            + ", ".join(f"{name} {t:.3f}s ({best['SDPA'] / t:.2f}x)" for name, t in best.items())
+            + ", ".join(f"{name} {t:.4g}s ({best['SDPA'] / t:.2f}x)" for name, t in best.items())
         )
     load_after = load_average()
 
@@ -158,7 +166,7 @@ def main() -> None:
     lines = [
         "# Attention speed against torch scaled_dot_product_attention",
         "",
-        f"{where}; torch {torch.__version__}. Causal, B={B}, H={H}, d={d}, float32, "
+        f"{where}; torch {torch.__version__}. Causal, B={B}, H={H}, d={d}, {args.dtype}, "
         "Gaussian q, k, v. Best of "
         + ", ".join(f"{repeats_for(n, args.quick)} (n={n})" for n in ns)
         + " after a warm-up. 1-min load average "
@@ -177,7 +185,7 @@ def main() -> None:
     ]
     for n in ns:
         cells = [
-            f"{times[name][n]:.3f}"
+            f"{times[name][n]:.4g}"
             + ("" if name == "SDPA" else f" ({times['SDPA'][n] / times[name][n]:.2f}x)")
             for name in times
         ]
@@ -197,6 +205,7 @@ def main() -> None:
         "attention_speed"
         + ("_quick" if args.quick else "")
         + ("" if device.type == "cpu" else f"_{device.type}")
+        + ("" if args.dtype == "float32" else f"_{args.dtype}")
     )
     (args.out / f"{stem}.md").write_text(report)
 

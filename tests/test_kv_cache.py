@@ -1,13 +1,12 @@
 """SketchCache on a small random Llama (GQA, RoPE): exactness, masks, memory, hook."""
 
-import copy
-
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from _tiny_llama import tiny_llama, tiny_llama_config  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 from streamsketch.kv import SCORERS, SketchCache, disable, enable  # noqa: E402
 from streamsketch.kv.cache import split_total  # noqa: E402
@@ -15,21 +14,11 @@ from streamsketch.kv.cache import split_total  # noqa: E402
 
 @pytest.fixture(scope="module")
 def config():
-    return LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-    )
+    return tiny_llama_config()
 
 
 def _model(config, seed=0):
-    torch.manual_seed(seed)
-    # A copy: enable() sets the attention implementation on the model's config.
-    return LlamaForCausalLM(copy.deepcopy(config)).eval()
+    return tiny_llama(config, seed)
 
 
 def _ids(n, seed=1):

@@ -120,7 +120,12 @@ def _whitener(R: torch.Tensor, ridge: float) -> torch.Tensor:
     A key in the row space of the keys ``R`` was built from has no component
     outside ``V``, so ``||k W||^2`` is its exact (ridge) leverage.
     """
-    _, s, vh = torch.linalg.svd(R, full_matrices=False)
+    if R.is_cuda:
+        # cuSOLVER's float64 SVD of a batch of 8 d x d (d = 64) factors took 19 ms on an
+        # H100, the host's LAPACK 5.6 ms copies included; the selection syncs anyway.
+        _, s, vh = (t.to(R.device) for t in torch.linalg.svd(R.cpu(), full_matrices=False))
+    else:
+        _, s, vh = torch.linalg.svd(R, full_matrices=False)
     if ridge > 0:
         inv = (s * s + ridge).rsqrt()
     else:

