@@ -258,6 +258,12 @@ class MergeReduce(Sketch):
         """
         return super().merge(other)
 
+    def _check_compatible(self, other: Any, argname: str = "other") -> None:
+        if isinstance(other, MergeReduce):
+            # Name the reducers' real difference (size, seed, dtype...), not "reducer".
+            self._template._check_compatible(other._template, argname + ".reducer")
+        super()._check_compatible(other, argname)
+
     def _merge_state(self, other: MergeReduce) -> None:
         mine, theirs = self._buckets, other._buckets
         width = max(len(mine), len(theirs))
@@ -295,7 +301,11 @@ class MergeReduce(Sketch):
             buckets.pop()
         self._buckets, self._leaf = buckets, leaf
         self._n_seen += other._n_seen
-        self._next_index = max(self._next_index, other._next_index)
+        if self._positional:
+            self._next_index = max(self._next_index, other._next_index)
+        else:
+            # Without stream positions the index is the row count (what from_bytes checks).
+            self._next_index = self._n_seen
 
     # -- results ------------------------------------------------------------
     def result(self) -> Sketch:
