@@ -33,7 +33,7 @@ def exact_attention(
     causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Exact attention ``sum_j w_ij v_j`` with ``w_ij`` from ``f`` of ``q_i . k_j``.
+    """Exact attention ``sum_j w_ij v_j`` with ``w_ij`` from ``f`` of ``q_i·k_j``.
 
     Parameters
     ----------
