@@ -181,6 +181,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, print only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument(
+        "--output", type=Path, default=None, help="report (default benchmarks/results/merge.md)"
+    )
     args = parser.parse_args()
     for var in (
         "OMP_NUM_THREADS",
@@ -241,7 +244,8 @@ The 4-process rows run 4 processes on 2 cores, so their times include waiting fo
 
 {table}
 """
-    out = Path(__file__).parent / "results" / "merge.md"
+    out = args.output or Path(__file__).parent / "results" / "merge.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"wrote {out}", file=sys.stderr)
 

