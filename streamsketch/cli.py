@@ -484,7 +484,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], ppl_full: float | None) -> Non
     for method, pts in by_method.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    if use_ppl:
+    if ppl_full is not None:
         ax.axhline(ppl_full, color="black", linestyle="--", label="full cache")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("keys kept per head (sinks + selected + window)")

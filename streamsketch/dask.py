@@ -34,7 +34,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import dask.array as da
 import numpy as np
@@ -46,6 +46,8 @@ from .rows.leverage import _default_sketch_size, _rank_tol, _row_sq_norms_of_pro
 from .rows.merge_reduce import MergeReduce
 
 __all__ = ["leverage_scores", "sketch"]
+
+_SketchT = TypeVar("_SketchT", bound=Sketch)
 
 
 def _takes_positions(template: Sketch) -> bool:
@@ -89,7 +91,9 @@ def _merge_blobs(parts: list[np.ndarray], axis: Any, keepdims: bool, cls: type[S
     return _one(acc.to_bytes(), keepdims)
 
 
-def sketch(array: Any, make_sketch: Callable[[], Sketch], split_every: int | None = None) -> Sketch:
+def sketch(
+    array: Any, make_sketch: Callable[[], _SketchT], split_every: int | None = None
+) -> _SketchT:
     """Sketch the rows of a 2-D dask array with a tree reduction over its row chunks.
 
     Parameters
@@ -202,7 +206,8 @@ def sketch(array: Any, make_sketch: Callable[[], Sketch], split_every: int | Non
 
 def _scores_block(block: np.ndarray, T: np.ndarray) -> np.ndarray:
     # True scores never exceed 1: clipping only moves an estimate towards them.
-    return np.minimum(_row_sq_norms_of_product(block, T), 1.0)
+    clipped: np.ndarray = np.minimum(_row_sq_norms_of_product(block, T), 1.0)
+    return clipped
 
 
 def leverage_scores(

@@ -392,25 +392,31 @@ class _ScorerRoute(_Route):
         d = s.head_dim
         has = s.mean is not None
         counts = torch.tensor([s.count if has else 0.0, float(s.tokens)], dtype=torch.float64)
-        mean = s.mean if has else torch.zeros(batch, q_heads, d, device=s.device)
-        parts = {
-            "counts": comm.collect(counts, dst, "gather of query counts"),
-            "mean": comm.collect(mean, dst, "gather of query means"),
-        }
+        mean = s.mean if s.mean is not None else torch.zeros(batch, q_heads, d, device=s.device)
+        all_counts = comm.collect(counts, dst, "gather of query counts")
+        all_means = comm.collect(mean, dst, "gather of query means")
+        all_m2 = None
         if s._with_cov:
-            m2 = s.m2 if has else torch.zeros(batch, q_heads, d, d, device=s.device)
-            parts["m2"] = comm.collect(m2, dst, "gather of query moments")
-        if parts["counts"] is None:
+            if has:
+                # A query scorer that tracks covariance sets m2 together with mean.
+                assert s.m2 is not None
+                m2 = s.m2
+            else:
+                m2 = torch.zeros(batch, q_heads, d, d, device=s.device)
+            all_m2 = comm.collect(m2, dst, "gather of query moments")
+        if all_counts is None:
             return
+        # collect returns None exactly on the ranks other than dst, for every call alike.
+        assert all_means is not None and (all_m2 is not None or not s._with_cov)
         twins = []
         for r in range(comm.size):
             twin = copy.copy(s)
-            count, tokens = parts["counts"][r].tolist()
+            count, tokens = all_counts[r].tolist()
             twin.batch_size, twin.num_q_heads = batch, q_heads
             twin.count, twin.tokens = count, int(tokens)
             held = count > 0
-            twin.mean = parts["mean"][r].to(s.device) if held else None
-            twin.m2 = parts["m2"][r].to(s.device) if held and s._with_cov else None
+            twin.mean = all_means[r].to(s.device) if held else None
+            twin.m2 = all_m2[r].to(s.device) if held and all_m2 is not None else None
             twins.append(twin)
         root = _balanced_merge(twins, lambda a, b: a.merge(b))
         s.batch_size, s.num_q_heads = batch, q_heads

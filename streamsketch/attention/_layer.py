@@ -76,4 +76,5 @@ class AttentionLayer(nn.Module, abc.ABC):
         k = self.k_proj(x).view(B, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out = self._attend(q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(B, n, self.embed_dim))
+        proj: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(B, n, self.embed_dim))
+        return proj

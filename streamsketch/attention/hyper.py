@@ -153,11 +153,11 @@ def _attn_lse(
     if q.device.type == "cpu" and not _needs_grad(q, k, v, *(() if bias is None else (bias,))):
         op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
         if op is not None:
-            w = max(d, d_v)  # the kernel wants one head size; zero columns change nothing
+            hd = max(d, d_v)  # the kernel wants one head size; zero columns change nothing
             qw, kw, vw = (
-                F.pad(t, (0, w - t.shape[-1])) if t.shape[-1] < w else t for t in (q, k, v)
+                F.pad(t, (0, hd - t.shape[-1])) if t.shape[-1] < hd else t for t in (q, k, v)
             )
-            ke, ve = kw.expand(N, G, L_k, w), vw.expand(N, G, L_k, w)
+            ke, ve = kw.expand(N, G, L_k, hd), vw.expand(N, G, L_k, hd)
             out, lse = op(qw, ke, ve, 0.0, causal, attn_mask=bias, scale=scale)
             return out[..., :d_v], lse
     if bias is not None or L_k <= _DIRECT_MAX:
@@ -230,7 +230,7 @@ def _lsh_values(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
         # Exact in float32: a sum of distinct powers of two below 2**24.
         code = ((t[..., :r] > 0).to(t.dtype) @ pow2).to(torch.int64)
         rank = _gray_rank(r, x.device)[code]
-        norm = x.detach().norm(dim=-1) * proj[:, r].norm()
+        norm: torch.Tensor = x.detach().norm(dim=-1) * proj[:, r].norm()
         cos = (t[..., r] / norm.clamp_min(torch.finfo(t.dtype).tiny)).clamp(-1.0, 1.0)
         return rank.to(torch.float64) + (0.5 + 0.49 * cos.to(torch.float64))
 

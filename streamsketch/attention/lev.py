@@ -63,10 +63,10 @@ def _check_options(
     def real(name: str, val: Any) -> float:
         if isinstance(val, bool) or not isinstance(val, (int, float)):
             raise TypeError(f"{name} must be a real number, got {type(val).__name__}")
-        val = float(val)
-        if not math.isfinite(val):
-            raise ValueError(f"{name} must be finite, got {val!r}")
-        return val
+        x = float(val)
+        if not math.isfinite(x):
+            raise ValueError(f"{name} must be finite, got {x!r}")
+        return x
 
     if (eps is None) == (budget is None):
         raise ValueError("give exactly one of eps and budget")
@@ -132,7 +132,8 @@ def _whitener(R: torch.Tensor, ridge: float) -> torch.Tensor:
         top = s[..., :1]
         keep = (s > _RANK_RTOL * top) & (top > 0)
         inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), 0.0)
-    return vh.transpose(-1, -2) * inv[..., None, :]
+    W: torch.Tensor = vh.transpose(-1, -2) * inv[..., None, :]
+    return W
 
 
 def _row_sq(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -141,7 +142,8 @@ def _row_sq(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 def _factor(X: torch.Tensor) -> torch.Tensor:
     """Upper-triangular ``R`` with ``R^T R = X^T X`` (Householder QR, backward stable)."""
-    return torch.linalg.qr(X, mode="r").R
+    R: torch.Tensor = torch.linalg.qr(X, mode="r").R
+    return R
 
 
 def _lewis_bound(A: torch.Tensor, valid: torch.Tensor, p: float, ridge: float) -> torch.Tensor:
@@ -264,10 +266,12 @@ class _Selector:
             top = torch.topk(sc, min(self.budget, idx.shape[2]), dim=-1)
             order, keep = top.indices, top.values > -math.inf
         else:
+            # _check_options admits exactly one of eps and budget.
+            assert self.eps is not None
             keep = sc >= self.eps
             size = int(keep.sum(-1).max()) if keep.numel() else 0
-            order = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True)
-            order = order.indices[..., :size]
+            srt = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True)
+            order = srt.indices[..., :size]
             keep = torch.gather(keep, 2, order)
         self.idx = torch.gather(idx, 2, order)
         self.valid = keep
@@ -452,11 +456,12 @@ def lev_attention(
     selection leaves torch's thread count alone (see ``_selection_mode``).
     Deterministic: no randomness is involved, so there is no ``seed``.
 
-    **Cost** per (batch, kv head), ``n = n_k``: selection O(n d^2) for the QR
-    updates plus O((|U| + chunk) d^2 + d^3) per block to rescore the
-    candidates (``p != 2``: times the Lewis iterations, at most 60); attention
-    O(n_q (|U| + window + sinks + chunk) d) time. Workspace
-    O((|U| + chunk) d + d^2) for the selection, O(G chunk (|U| + window +
+    **Cost** per (batch, kv head), ``n = n_k`` and ``u`` the size of the
+    universal set: selection O(n d^2) for the QR updates plus
+    O((u + chunk) d^2 + d^3) per block to rescore the candidates
+    (``p != 2``: times the Lewis iterations, at most 60); attention
+    O(n_q (u + window + sinks + chunk) d) time. Workspace
+    O((u + chunk) d + d^2) for the selection, O(G chunk (u + window +
     sinks + chunk)) for the scores of ``G = H / H_kv`` query heads, and a
     float64 copy of the keys (O(n d)).
     """
@@ -543,8 +548,8 @@ class LevAttention(AttentionLayer):
     ``forward(x)``: ``(B, n, E) -> (B, n, E)``; the key selection carries no
     gradient, the attention over the selected keys and the projections do.
     Cost per layer: the projections O(n E^2) plus :func:`lev_attention`'s
-    O(n d^2) selection and O(n (|U| + window + sinks + chunk) d) attention
-    per head.
+    O(n d^2) selection and O(n (u + window + sinks + chunk) d) attention
+    per head (``u`` the size of the universal set).
     """
 
     def __init__(

@@ -36,10 +36,10 @@ def _check_int(value: Any, name: str, minimum: int, maximum: int) -> int:
 
 
 def _check_degree(degree: Any) -> int:
-    degree = _check_int(degree, "degree", 2, _MAX_DEGREE)
-    if degree % 2:
-        raise ValueError(f"degree must be even (phi is a tensor square), got {degree}")
-    return degree
+    checked = _check_int(degree, "degree", 2, _MAX_DEGREE)
+    if checked % 2:
+        raise ValueError(f"degree must be even (phi is a tensor square), got {checked}")
+    return checked
 
 
 def _check_bool(value: Any, name: str) -> bool:
@@ -121,7 +121,7 @@ def _draw(
 def _psi(x: torch.Tensor, mats: list[torch.Tensor], degree: int) -> torch.Tensor:
     """Inner sketch ``psi(x)``, ``(..., d) -> (..., r)``, unbiased for ``<x, y>^(p/2)``."""
     r = mats[0].shape[0]
-    scale = r**-0.5
+    scale: float = r**-0.5
     q = degree // 2
     if q == 1:
         return (x @ mats[0].mT) * scale
@@ -308,7 +308,14 @@ def _packed_weights(r: int, like: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _noncausal(qh, k, ve, mats, degree, record):
+def _noncausal(
+    qh: torch.Tensor,
+    k: torch.Tensor,
+    ve: torch.Tensor,
+    mats: list[torch.Tensor],
+    degree: int,
+    record: bool,
+) -> torch.Tensor:
     """``phi(Q) (phi(K)^T [V, 1])``; ``qh`` is ``(B, Hk, R, d)``, ``R = G n_q``."""
     B, Hk, R, _ = qh.shape
     n_k = k.shape[2]
@@ -332,7 +339,16 @@ def _noncausal(qh, k, ve, mats, degree, record):
     return torch.cat(outs, dim=2)
 
 
-def _causal(qh, k, ve, mats, degree, bs, offset, record):
+def _causal(
+    qh: torch.Tensor,
+    k: torch.Tensor,
+    ve: torch.Tensor,
+    mats: list[torch.Tensor],
+    degree: int,
+    bs: int,
+    offset: int,
+    record: bool,
+) -> torch.Tensor:
     """Block algorithm. ``qh`` is ``(B, Hk, G, n_q, d)``, query ``i`` at position ``i + offset``.
 
     Returns ``(B, Hk, G, n_q, d_v + 1)``: numerator columns, the denominator last.

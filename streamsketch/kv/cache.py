@@ -74,7 +74,9 @@ class SketchCacheLayer(CacheLayerMixin):
         scorer_kwargs: dict[str, Any] | None = None,
         layer_idx: int | None = None,
     ) -> None:
-        super().__init__()
+        # CacheLayerMixin.__init__ is unannotated, and mypy's untyped_calls_exclude does
+        # not reach calls through super() (python/mypy#16653).
+        super().__init__()  # type: ignore[no-untyped-call]
         self.layer_idx = layer_idx
         self.budget, self.sinks, self.window = budget, sinks, window
         self.scorer_name = scorer
@@ -230,6 +232,8 @@ class SketchCache(Cache):
                 sinks, budget, window = split_total(
                     total, DEFAULT_SINKS if sinks is None else sinks
                 )
+        else:
+            assert budget is not None  # exactly one of total and budget, checked above
         sinks = DEFAULT_SINKS if sinks is None else sinks
         window = 64 if window is None else window
         scorer = DEFAULT_SCORER if scorer is None else scorer

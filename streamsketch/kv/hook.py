@@ -64,9 +64,12 @@ def _make_attention(base: Callable[..., Any]) -> Callable[..., Any]:
             scorer = layer.scorer
             if scorer is not None and scorer.needs_attention:
                 scaling = kwargs.get("scaling")
-                if scaling is None:
-                    scaling = getattr(module, "scaling", 1.0 / math.sqrt(query.shape[-1]))
-                weights = _attention_weights(query, key, attention_mask, float(scaling))
+                scale = float(
+                    scaling
+                    if scaling is not None
+                    else getattr(module, "scaling", 1.0 / math.sqrt(query.shape[-1]))
+                )
+                weights = _attention_weights(query, key, attention_mask, scale)
             layer.observe(query.detach(), weights)
         return out
 

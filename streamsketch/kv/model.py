@@ -86,13 +86,16 @@ def load_model(
     # progress; the GGUF one is a plain tqdm in that module, so it is muted there.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    # Any: the module's tqdm global is swapped below, which a ModuleType does not type.
+    gguf_utils: Any = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
     gguf_tqdm = getattr(gguf_utils, "tqdm", None)
     if gguf_tqdm is not None:
         gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=dtype)
+        # Any: PreTrainedModel.to is wrapped with functools.wraps, which mypy does not
+        # bind as a method (it would want the model as the device argument).
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=dtype)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
