@@ -4,9 +4,13 @@ Every public entry point converts and checks its arguments here *before* it
 touches any state, so that a rejected call leaves a sketch exactly as it was.
 Errors name the offending argument.
 
-Dtype policy: ``float32`` and ``float64`` are kept as given, integer arrays are
-converted to ``float64``, and everything else (bool, float16, complex, object,
-strings) is refused with a :class:`TypeError`.
+Dtype policy: ``float32`` and ``float64`` are kept as given (non-native byte
+order is swapped to native), integer arrays are converted to ``float64``, and
+everything else (bool, float16, complex, object, strings, datetimes) is refused
+with a :class:`TypeError`; so are torch/jax/cupy/tensorflow tensors and masked
+arrays (convert them explicitly). Layout is free: Fortran-order, strided,
+negatively strided and read-only arrays are accepted and copied to a
+C-contiguous array only where needed; nothing is ever written into the input.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ def _as_float_array(value: Any, name: str, dtype: np.dtype | None) -> np.ndarray
     except Exception as exc:  # ragged lists and the like
         raise TypeError(f"{name} could not be converted to an array: {exc}") from None
     kind = arr.dtype.kind
+    if kind == "f" and not arr.dtype.isnative and arr.dtype.itemsize in (4, 8):
+        # Byte-swapped floats (read from a file or the network) are the same numbers.
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype in _FLOAT_DTYPES:
         pass
     elif kind in "iu":
@@ -63,7 +70,9 @@ def _as_float_array(value: Any, name: str, dtype: np.dtype | None) -> np.ndarray
         if dtype.itemsize < arr.dtype.itemsize and arr.size:
             limit = np.finfo(dtype).max
             with np.errstate(invalid="ignore"):
-                too_big = np.abs(arr) > limit  # NaN compares False: left to the NaN check
+                # NaN compares False and +-Inf is not "beyond the range": both
+                # stay non-finite through the cast and the NaN/Inf check names them.
+                too_big = (np.abs(arr) > limit) & np.isfinite(arr)
             if too_big.any():
                 raise ValueError(f"{name} has values beyond the {dtype} range of this sketch")
         arr = arr.astype(dtype)

@@ -62,7 +62,22 @@ class Scorer:
     Notes
     -----
     The state is allocated on the first ``observe_keys`` call, when the batch
-    size is known. Subclasses set ``needs_queries`` when they read queries and
+    size is known.
+
+    Non-finite data: refusing NaN/Inf would need a host synchronisation per
+    step, so the scorers neutralise it on the device instead. A key or query
+    row holding NaN/Inf, or whose squared norm overflows float32 (norm above
+    about ``1.8e19``), enters the state as a zero row, and :meth:`score`
+    gives ``-inf`` to candidates whose key or value is not finite (or whose
+    score is NaN), so they are evicted first instead of being kept (``topk``
+    ranks NaN highest). The float32 state itself stays finite as long as its
+    running sums do (for the Gram matrix: the sum of squared key norms below
+    ``3.4e38``); a leverage-scorer merge that would overflow is dropped for
+    that (batch, head). The cache itself keeps whatever keys and values it
+    is given: its sinks and window still hold them. Cost: a few element-wise
+    operations per step, no host synchronisation.
+
+    Subclasses set ``needs_queries`` when they read queries and
     ``needs_attention`` when they read attention weights.
     """
 
@@ -136,6 +151,7 @@ class Scorer:
 
         ``positions`` ``(B, H_kv, m)`` int64 are the keys' stream positions and
         ``values`` ``(B, H_kv, m, d_v)`` their values (used by ``value_weighted``).
+        Candidates whose key or value holds NaN/Inf score ``-inf``.
         """
         self._check_keys(keys)
         if self.batch_size is None:
@@ -144,7 +160,12 @@ class Scorer:
         if self.value_weighted and values is not None:
             # A key's effect on the output scales with its value's size.
             scores = scores + torch.log(torch.linalg.vector_norm(values.float(), dim=-1) + 1e-12)
-        return scores
+        # topk ranks NaN above everything: non-finite candidates go first instead.
+        # NaN/Inf anywhere in a key or value turns its zero "poison" into NaN
+        # (few element-wise ops: this runs on every decoding step).
+        check = keys.sum(dim=-1) if values is None else keys.sum(dim=-1) + values.sum(dim=-1)
+        inf = float("inf")
+        return torch.nan_to_num(scores + check * 0.0, nan=-inf, posinf=inf, neginf=-inf)
 
     def merge(self, other: Scorer) -> None:
         """Fold ``other`` (same class and shape, another stream of the same layer) into ``self``.
@@ -288,6 +309,7 @@ class LeverageScorer(Scorer):
 
     def _observe_keys(self, keys: torch.Tensor) -> None:
         assert self.gram is not None
+        keys = _finite_rows(keys)
         self.gram += keys.transpose(-1, -2) @ keys
 
     def _score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -305,7 +327,7 @@ class LeverageScorer(Scorer):
 
     def _merge(self, other: Scorer) -> None:
         assert isinstance(other, LeverageScorer) and self.gram is not None
-        self.gram += other.gram
+        _add_finite(self.gram, other.gram)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {} if self.gram is None else {"gram": self.gram}
@@ -358,6 +380,7 @@ class _QueryMoments(Scorer):
     def _observe_queries(self, queries: torch.Tensor) -> None:
         if self.mean is None:
             self._alloc_moments(queries.shape[0], queries.shape[1])
+        queries = _finite_rows(queries)
         c = queries.shape[2]
         if self.half_life is None or c == 1:
             weight = float(c)
@@ -427,7 +450,7 @@ class _QueryMoments(Scorer):
 
 
 class QueryMeanScorer(_QueryMoments):
-    """Expected logit under the recent mean query: ``score(k) = s * mean(q) . k (+ log ||v||)``.
+    """Expected logit under the recent mean query: ``score(k) = s * mean(q)·k (+ log ||v||)``.
 
     The mean is exponentially weighted with ``half_life`` tokens (default 32;
     ``None`` for the plain running mean): decoding queries resemble the
@@ -538,6 +561,20 @@ def make_scorer(scorer: str | Scorer, **kwargs: Any) -> Scorer:
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
     return SCORERS[scorer](**kwargs)
+
+
+def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every last-axis row that is not finite, or whose squared norm
+    overflows, replaced by zeros; on the device, without a host synchronisation."""
+    ok = torch.isfinite((t * t).sum(dim=-1, keepdim=True))
+    return torch.where(ok, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _add_finite(state: torch.Tensor, update: torch.Tensor) -> None:
+    """``state += update`` per trailing ``(d, d)`` matrix, except where the sum overflows."""
+    new = state + update
+    ok = torch.isfinite(new).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+    state.copy_(torch.where(ok, new, state))
 
 
 def check_head_tensor(name: str, t: Any) -> None:

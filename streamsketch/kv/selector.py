@@ -65,6 +65,11 @@ class KeySelector:
     ``sinks + budget + window`` keys and values per head between calls, plus
     the scorer's O(d^2) state; a call holds ``c`` more keys transiently.
 
+    Inputs are checked for type, dtype and shape before any state changes;
+    NaN/Inf values are not refused (that would synchronise with the device
+    every step): the scorer keeps them out of its state and evicts such keys
+    first (see :class:`~streamsketch.kv.scorers.Scorer`).
+
     Examples
     --------
     >>> import torch

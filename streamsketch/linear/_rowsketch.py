@@ -155,7 +155,8 @@ class LinearRowSketch(Sketch, FeatureMap):
         self._SA = delta
 
     def _merge_state(self, other: LinearRowSketch) -> None:
-        total = self._SA + other._SA
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            total = self._SA + other._SA
         if not np.isfinite(total).all():
             raise ValueError("other cannot be merged: the sum overflows the dtype")
         self._SA = total
@@ -182,6 +183,17 @@ class LinearRowSketch(Sketch, FeatureMap):
         return out
 
     def transform(self, X: Any) -> np.ndarray:
-        """Feature map ``X S[:, :n_features]^T``: shape ``(n, n_features) -> (n, sketch_size)``."""
+        """Feature map ``X S[:, :n_features]^T``: shape ``(n, n_features) -> (n, sketch_size)``.
+
+        Raises ``ValueError`` when the features overflow the dtype (never
+        returns Inf).
+        """
         X = as_float_matrix(X, "X", self.n_features, dtype=self.dtype)
-        return np.ascontiguousarray(self._apply(np.ascontiguousarray(X.T), 0).T)
+        return _finite_features(self._apply(np.ascontiguousarray(X.T), 0).T)
+
+
+def _finite_features(out: np.ndarray) -> np.ndarray:
+    """``out`` as a C-contiguous array, refusing the Inf of an overflowing feature map."""
+    if not np.isfinite(out).all():
+        raise ValueError("X is too large: its features overflow the dtype")
+    return np.ascontiguousarray(out)

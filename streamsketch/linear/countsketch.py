@@ -18,7 +18,7 @@ import numpy as np
 from .._parallel import num_threads, run_chunks, split_rows
 from .._random import SeedLike, hash_index, hashed_buckets_signs
 from .._validation import as_float_matrix, check_finite, check_int
-from ._rowsketch import LinearRowSketch
+from ._rowsketch import LinearRowSketch, _finite_features
 
 __all__ = ["CountSketch", "countsketch"]
 
@@ -144,6 +144,7 @@ class CountSketch(LinearRowSketch):
         """Feature map: CountSketch of each row's features, ``(n, d) -> (n, sketch_size)``.
 
         Uses the hashes of positions ``0 .. d-1``, i.e. ``X S[:, :d]^T``. O(n d).
+        Raises ``ValueError`` when the features overflow the dtype.
         """
         X = as_float_matrix(X, "X", self.n_features, dtype=self.dtype)
         out = np.zeros((X.shape[0], self.sketch_size), dtype=self.dtype)
@@ -152,7 +153,7 @@ class CountSketch(LinearRowSketch):
             _scatter_cols(X, self._key, lo, hi, out)
 
         run_chunks(part, split_rows(X.shape[0], _ROWS_PER_THREAD))
-        return out
+        return _finite_features(out)
 
 
 def countsketch(A: Any, sketch_size: int, seed: SeedLike = None) -> np.ndarray:
@@ -170,7 +171,22 @@ def countsketch(A: Any, sketch_size: int, seed: SeedLike = None) -> np.ndarray:
     Returns
     -------
     numpy.ndarray, shape (sketch_size, d)
+
+    Raises
+    ------
+    ValueError, TypeError
+        ``A`` not 2-D, without columns, of a non-numeric dtype, holding
+        NaN/Inf, or so large that its sketch overflows; bad ``sketch_size``.
     """
     A = as_float_matrix(A, "A", finite=False)
     check_int(sketch_size, "sketch_size", minimum=1)
-    return CountSketch(A.shape[1], sketch_size, dtype=A.dtype, seed=seed).extend(A).result()
+    if A.shape[1] == 0:
+        raise ValueError("A must have at least one column")
+    sketch = CountSketch(A.shape[1], sketch_size, dtype=A.dtype, seed=seed)
+    try:
+        return sketch.extend(A).result()
+    except ValueError:
+        # NaN/Inf reach the (checked) sketch, so A needs no separate pass;
+        # name the argument the caller knows.
+        check_finite(A, "A")
+        raise ValueError("A is too large: its sketch overflows the dtype") from None

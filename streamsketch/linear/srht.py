@@ -223,7 +223,7 @@ class SRHT(LinearRowSketch):
 
     @property
     def hadamard_rows(self) -> np.ndarray:
-        """The sampled Hadamard row indices ``r_1 .. r_m``, shape ``(m,)``, int64 (a copy)."""
+        """The sampled Hadamard row indices ``r_1, ..., r_m``, shape ``(m,)``, int64 (a copy)."""
         return self._rows.copy()
 
     @classmethod

@@ -112,7 +112,8 @@ class LinearAttentionState(Sketch):
         )
 
     def _merge_state(self, other: LinearAttentionState) -> None:
-        S, z = self._S + other._S, self._z + other._z
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            S, z = self._S + other._S, self._z + other._z
         if not (np.isfinite(S).all() and np.isfinite(z).all()):
             raise ValueError("other cannot be merged: the sum overflows the dtype")
         self._S, self._z = S, z
@@ -136,9 +137,12 @@ class LinearAttentionState(Sketch):
         if X.shape[0] != Y.shape[0]:
             raise ValueError(f"X and Y must have as many rows, got {X.shape[0]} and {Y.shape[0]}")
         if X.shape[0]:
-            phi = self.feature_map.transform(X).astype(self.dtype, copy=False)
-            S = self._S + phi.T @ Y
-            z = self._z + phi.sum(axis=0)
+            # A float64 map can produce features beyond a float32 state's range:
+            # the overflow surfaces as Inf in the sums, checked before any change.
+            with np.errstate(over="ignore", invalid="ignore"):
+                phi = self.feature_map.transform(X).astype(self.dtype, copy=False)
+                S = self._S + phi.T @ Y
+                z = self._z + phi.sum(axis=0)
             if not (np.isfinite(S).all() and np.isfinite(z).all()):
                 raise ValueError("X, Y are too large: the sums overflow the dtype")
             self._S, self._z = S, z
@@ -163,11 +167,19 @@ class LinearAttentionState(Sketch):
         (shape ``(n, n_targets)``). Normalising is meaningful for non-negative
         maps such as :class:`PolySketch`, whose denominators are positive; for
         signed maps pass ``normalize=False`` and normalise as you see fit.
-        Cost O(n (transform + m e)).
+        Cost O(n (transform + m e)). Raises ``ValueError`` when ``phi(Q)`` or
+        ``phi(Q) S`` overflows the dtype (rather than returning Inf).
         """
         Q = as_float_matrix(Q, "Q", self.n_features, dtype=self.dtype)
-        phi = self.feature_map.transform(Q).astype(self.dtype, copy=False)
-        num = phi @ self._S
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                phi = self.feature_map.transform(Q).astype(self.dtype, copy=False)
+                num = phi @ self._S
+        except ValueError:
+            # Q is validated above: the map can only refuse an overflow.
+            raise ValueError("Q is too large: its features overflow the dtype") from None
+        if not (np.isfinite(phi).all() and np.isfinite(num).all()):
+            raise ValueError("Q is too large: its features or read-out overflow the dtype")
         if not normalize:
             return num
         den = phi @ self._z

@@ -312,9 +312,21 @@ class FrequentDirections(Sketch):
         """``B^T B`` for ``B = sketch()``: shape ``(d, d)``, symmetric PSD, ``≼ A^T A``.
 
         Cost: O(ℓ d^2) time, O(d^2) output.
+
+        Raises
+        ------
+        ValueError
+            ``B^T B`` overflows the dtype (float32 rows beyond about ``1e19``):
+            the state is fine, form ``B^T B`` from :meth:`sketch` in float64.
         """
         B = self.sketch()
-        return B.T @ B
+        with np.errstate(over="ignore", invalid="ignore"):
+            cov = B.T @ B
+        if not np.isfinite(cov).all():
+            raise ValueError(
+                f"the covariance overflows {self.dtype}; compute sketch().T @ sketch() in float64"
+            )
+        return cov
 
     @property
     def error_bound(self) -> float:
@@ -389,7 +401,8 @@ class FrequentDirections(Sketch):
             lower ≤ x^T (A^T A + λ I)^{-1} x ≤ upper,    upper ≤ (1 + Δ/λ) · lower
 
         (the last because ``B^T B + (λ + Δ) I ≼ (1 + Δ/λ)(B^T B + λ I)``).
-        Same cost as :meth:`ridge_leverage`.
+        Same cost as :meth:`ridge_leverage`. Rows whose scores overflow the
+        dtype raise ``ValueError`` (never Inf).
         """
         X = as_float_matrix(X, "X", self.n_features)
         lam = check_float(ridge, "ridge", minimum=0.0, strict_minimum=True)
@@ -403,12 +416,20 @@ class FrequentDirections(Sketch):
         upper = np.empty(n, dtype=np.float64)
         for lo in range(0, n, _SCORE_BLOCK):
             Xb = X[lo : lo + _SCORE_BLOCK].astype(np.float64)
-            C = Xb @ V.T
-            # The residual outside span(V) is formed explicitly: ‖x‖^2 - ‖Vx‖^2
-            # cancels catastrophically when λ is small.
-            R = Xb - C @ V
-            res = np.einsum("ij,ij->i", R, R)
-            C2 = C * C
-            upper[lo : lo + Xb.shape[0]] = C2 @ w_hi + res / lam
-            lower[lo : lo + Xb.shape[0]] = C2 @ w_lo + res / (lam + delta)
-        return lower.astype(self.dtype, copy=False), upper.astype(self.dtype, copy=False)
+            # Rows too large for float64 scores surface as Inf, refused below.
+            with np.errstate(over="ignore", invalid="ignore"):
+                C = Xb @ V.T
+                # The residual outside span(V) is formed explicitly: ‖x‖^2 - ‖Vx‖^2
+                # cancels catastrophically when λ is small.
+                R = Xb - C @ V
+                res = np.einsum("ij,ij->i", R, R)
+                C2 = C * C
+                upper[lo : lo + Xb.shape[0]] = C2 @ w_hi + res / lam
+                lower[lo : lo + Xb.shape[0]] = C2 @ w_lo + res / (lam + delta)
+        if not np.isfinite(upper).all():
+            raise ValueError("X is too large: its scores overflow float64")
+        with np.errstate(over="ignore"):
+            lower, upper = lower.astype(self.dtype), upper.astype(self.dtype)
+        if not np.isfinite(upper).all():
+            raise ValueError(f"X is too large: its scores overflow {self.dtype}")
+        return lower, upper

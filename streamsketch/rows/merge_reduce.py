@@ -79,7 +79,7 @@ class MergeReduce(Sketch):
 
     Serialisation: ``to_bytes`` nests the template's, the open leaf's and each
     bucket's own blobs as bytes fields; ``from_bytes`` rebuilds the template
-    with :func:`streamsketch.base.load` (its class must be importable) and
+    with :func:`streamsketch.load` (its class must be importable) and
     checks every nested reducer against it.
 
     Examples

@@ -327,10 +327,20 @@ class OnlineRidgeLeverage(Sketch):
         numpy.ndarray, shape (k,), float64
             Computed with ``P`` (at most ``refactor_every`` rows of drift).
             O(k d^2) time, O(k d) workspace.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Bad shape or dtype, NaN/Inf, or rows so large that a score
+            overflows float64 (rather than returning Inf).
         """
         X = as_float_matrix(X, "X", self.n_features, dtype=self.dtype)
-        XP = X @ self._P
-        return np.maximum(np.einsum("ij,ij->i", XP, X, dtype=np.float64), 0.0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            XP = X @ self._P
+            out = np.einsum("ij,ij->i", XP, X, dtype=np.float64)
+        if not np.isfinite(out).all():
+            raise ValueError("X is too large: its scores overflow float64")
+        return np.maximum(out, 0.0)
 
     def score(self, x: Any) -> float:
         """Current ridge leverage of one row ``x`` (not added); see :meth:`scores`."""
@@ -344,8 +354,9 @@ class OnlineRidgeLeverage(Sketch):
         return self
 
     def _merge_state(self, other: OnlineRidgeLeverage) -> None:
-        M = self._M + other._M
-        M[np.diag_indices(self.n_features)] -= self.ridge
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            M = self._M + other._M
+            M[np.diag_indices(self.n_features)] -= self.ridge
         if not np.isfinite(M).all():
             raise ValueError("other cannot be merged: the Gram matrix overflows")
         P = self._inverse(M)

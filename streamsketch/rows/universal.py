@@ -811,7 +811,12 @@ class UniversalSet(Sketch):
         G = YB @ YB.T
         G[np.diag_indices(s)] += 1.0
         C = _chol_upper(G)
-        if C is None:  # pragma: no cover - I + Y_B Y_B^T is >= I
+        if C is None:
+            # I + Y_B Y_B^T >= I in exact arithmetic; in floating point the
+            # identity is lost when whitened keys reach ~1e8. The caller then
+            # feeds the rows alone, where G = 1 + ||y||^2 fails only on overflow.
+            if s > 1:
+                return None
             raise ValueError("X is too large: the block update is not positive definite")
         Z = np.ascontiguousarray(YB @ Y.T)
         _forward_sub_upper_t(C, Z)
@@ -833,6 +838,7 @@ class UniversalSet(Sketch):
         k = X.shape[0]
         block = max(4096, 2 * self._max_kept, 32 * d)
         pos = 0
+        single_until = 0  # rows before this one are simulated one at a time
         while pos < k:
             hi = min(k, pos + block)
             if self.capacity is None or self._max_kept - idx.shape[0] >= hi - pos:
@@ -841,7 +847,7 @@ class UniversalSet(Sketch):
                 pos = hi
                 continue
             wh = _Whitener(R, self.ridge)
-            hi = min(k, pos + _SIM_ROWS)
+            hi = min(k, pos + (1 if pos < single_until else _SIM_ROWS))
             if self.ridge == 0 and wh.rank < d:
                 # Woodbury is exact only inside the current range; a row that
                 # adds a direction is fed alone (it happens at most d times).
@@ -856,7 +862,11 @@ class UniversalSet(Sketch):
                         R, K, idx, sc = self._step_final(R, K, idx, sc, X[pos:hi], idxX[pos:hi])
                         pos = hi
                         continue
-            R, K, idx, sc = self._step_simulated(R, wh, K, idx, X[pos:hi], idxX[pos:hi])
+            step = self._step_simulated(R, wh, K, idx, X[pos:hi], idxX[pos:hi])
+            if step is None:
+                single_until = hi
+                continue
+            R, K, idx, sc = step
             pos = hi
         return R, K, idx, sc
 
