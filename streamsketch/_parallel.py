@@ -7,6 +7,9 @@ under every numba threading layer and stays safe when several user threads
 drive different sketches at once.
 
 ``STREAMSKETCH_NUM_THREADS`` caps the thread count (default: CPU count).
+
+The kernels are compiled through :func:`njit`, which is ``numba.njit`` typed
+for mypy (numba ships no type information).
 """
 
 from __future__ import annotations
@@ -15,11 +18,34 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
-__all__ = ["fixed_chunks", "num_threads", "run_chunks", "split_rows"]
+import numba
+
+__all__ = ["fixed_chunks", "njit", "num_threads", "run_chunks", "split_rows"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_R = TypeVar("_R")
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+
+
+def njit(**options: Any) -> Callable[[_F], _F]:
+    """``numba.njit(**options)``, typed as keeping the decorated function's signature.
+
+    numba ships no type information, so under a bare ``@numba.njit`` a kernel
+    is ``Any`` to mypy and no call to it is checked. The dispatcher numba
+    returns takes the arguments the Python function declares, so the kernels
+    annotate their parameters as Python code (which is also what runs under
+    ``NUMBA_DISABLE_JIT=1``) and their callers are checked against them. One
+    difference the annotations do not show: called from Python, compiled code
+    returns numpy scalars boxed as Python ``int``/``float``; the kernels that
+    Python calls return ``None`` or such scalars and are annotated with the
+    Python type. Runtime behaviour is exactly ``numba.njit``'s.
+    """
+    decorator: Callable[[_F], _F] = numba.njit(**options)
+    return decorator
 
 
 def num_threads() -> int:
@@ -78,7 +104,7 @@ def fixed_chunks(n: int, min_rows: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def run_chunks(fn: Callable[[int, int], object], ranges: list[tuple[int, int]]) -> list[object]:
+def run_chunks(fn: Callable[[int, int], _R], ranges: list[tuple[int, int]]) -> list[_R]:
     """Call ``fn(lo, hi)`` for every range, in parallel when there are several."""
     if len(ranges) == 1:
         return [fn(*ranges[0])]

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import numbers
 
-import numba
 import numpy as np
+import numpy.typing as npt
 
+from ._parallel import njit
 from ._validation import check_int
 
 __all__ = [
@@ -75,21 +76,31 @@ def key_generator(key: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
 
 
-@numba.njit(inline="always")
+@njit(inline="always")
 def _mix64(z: np.uint64) -> np.uint64:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    # Assigned before returning: for a Python 3.10 target numpy's stubs (which
+    # need typing.Self) make uint64 arithmetic Any; ``z``'s annotation does not.
+    z = z ^ (z >> np.uint64(31))
+    return z
 
 
-@numba.njit(inline="always")
+@njit(inline="always")
 def hash_index(key: np.uint64, index: np.uint64) -> np.uint64:
     """64 well-mixed bits for ``(key, index)``; usable inside other kernels."""
     return _mix64(_mix64(index + np.uint64(0x9E3779B97F4A7C15)) ^ key)
 
 
-@numba.njit(nogil=True, cache=True)
-def hashed_buckets_signs(key, start, count, n_buckets, buckets, signs):  # pragma: no cover
+@njit(nogil=True, cache=True)
+def hashed_buckets_signs(  # pragma: no cover
+    key: int,
+    start: int,
+    count: int,
+    n_buckets: int,
+    buckets: npt.NDArray[np.int64],
+    signs: np.ndarray,
+) -> None:
     """CountSketch hashes of indices ``start .. start+count-1``.
 
     ``buckets[i]`` is uniform on ``[0, n_buckets)`` (multiply-shift on the high
@@ -104,8 +115,10 @@ def hashed_buckets_signs(key, start, count, n_buckets, buckets, signs):  # pragm
         signs[i] = 1.0 if (h & np.uint64(1)) else -1.0
 
 
-@numba.njit(nogil=True, cache=True)
-def hashed_normals(key, start, count, n_rows, out):  # pragma: no cover
+@njit(nogil=True, cache=True)
+def hashed_normals(  # pragma: no cover
+    key: int, start: int, count: int, n_rows: int, out: np.ndarray
+) -> None:
     """Fill ``out[r, i]`` (shape (n_rows, count)) with N(0, 1) for column ``start + i``.
 
     Entry ``(r, j)`` depends only on ``(key, j, r)``: Box-Muller on two 32-bit
@@ -126,8 +139,8 @@ def hashed_normals(key, start, count, n_rows, out):  # pragma: no cover
                 out[r + 1, i] = rad * np.sin(two_pi * u2)
 
 
-@numba.njit(nogil=True, cache=True)
-def hashed_signs(key, start, count, out):  # pragma: no cover
+@njit(nogil=True, cache=True)
+def hashed_signs(key: int, start: int, count: int, out: np.ndarray) -> None:  # pragma: no cover
     """``out[i]`` = +-1 for index ``start + i`` (independent of the other hashes)."""
     k = np.uint64(key)
     for i in range(count):

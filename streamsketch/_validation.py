@@ -159,12 +159,12 @@ def check_int(
     """Return ``value`` as a Python int, refusing bools, floats and out-of-range values."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
+    number = int(value)
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {number}")
+    return number
 
 
 def check_float(
@@ -178,17 +178,17 @@ def check_float(
     """Return ``value`` as a finite Python float within the given bounds."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    number = float(value)
+    if not np.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
     if minimum is not None:
-        if strict_minimum and value <= minimum:
-            raise ValueError(f"{name} must be > {minimum}, got {value}")
-        if not strict_minimum and value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
+        if strict_minimum and number <= minimum:
+            raise ValueError(f"{name} must be > {minimum}, got {number}")
+        if not strict_minimum and number < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {number}")
+    return number
 
 
 def check_index(value: Any, name: str) -> int:
@@ -217,7 +217,7 @@ def check_dtype_arg(value: Any, name: str = "dtype") -> np.dtype:
     ):
         raise TypeError(f"{name} must be float32 or float64, got {value!r}")
     try:
-        dt = np.dtype(value)
+        dt: np.dtype = np.dtype(value)
     except Exception:
         raise TypeError(f"{name} must be float32 or float64, got {value!r}") from None
     if dt not in _FLOAT_DTYPES:

@@ -48,6 +48,7 @@ _REGISTRY: dict[str, type[Serializable]] = {}
 MAX_LOAD_WORKSPACE_BYTES = 256 * 2**20
 
 T = TypeVar("T", bound="Serializable")
+S = TypeVar("S", bound="Sketch")
 
 
 class Serializable(abc.ABC):
@@ -153,7 +154,9 @@ class Serializable(abc.ABC):
                 f"{cls.__name__} blob has layout version {layout!r}, "
                 f"this build reads {cls._layout_version}"
             )
-        params, scalars, arrays = {}, {}, {}
+        params: dict[str, Any] = {}
+        scalars: dict[str, Any] = {}
+        arrays: dict[str, Any] = {}
         for name, value in fields.items():
             group, _, key = name.partition(".")
             target = {"param": params, "scalar": scalars, "array": arrays}.get(group)
@@ -253,6 +256,7 @@ class Sketch(Serializable):
     """
 
     n_features: int
+    _n_seen: int
 
     @property
     def n_seen(self) -> int:
@@ -262,16 +266,19 @@ class Sketch(Serializable):
     def _validate_rows(self, X: Any, name: str = "X") -> np.ndarray:
         return as_float_matrix(X, name, self.n_features, dtype=getattr(self, "dtype", None))
 
-    def update(self, x: Any, **kwargs: Any) -> Any:
+    # ``*args: Any, **kwargs: Any`` lets each sketch declare the keywords it
+    # takes (``start_index``, a second array) and its own return type: mypy
+    # accepts any override of such a signature.
+    def update(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         """Consume one row ``x`` of shape ``(n_features,)``; same as ``extend(x[None])``."""
         row = as_float_vector(x, "x", self.n_features, dtype=getattr(self, "dtype", None))
-        return self.extend(row[None, :], **kwargs)
+        return self.extend(row[None, :], *args, **kwargs)
 
     @abc.abstractmethod
-    def extend(self, X: Any, **kwargs: Any) -> Any:
+    def extend(self, X: Any, *args: Any, **kwargs: Any) -> Any:
         """Consume the rows of ``X``, shape ``(k, n_features)``."""
 
-    def merge(self: T, other: T) -> T:
+    def merge(self: S, other: S) -> S:
         """Fold ``other`` into ``self``: the sketch of both streams. Returns ``self``.
 
         Raises

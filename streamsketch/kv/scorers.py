@@ -279,7 +279,8 @@ class KNormScorer(Scorer):
     name = "knorm"
 
     def _score(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return -torch.linalg.vector_norm(keys, dim=-1)
+        norms: torch.Tensor = torch.linalg.vector_norm(keys, dim=-1)
+        return -norms
 
 
 class LeverageScorer(Scorer):
@@ -322,11 +323,13 @@ class LeverageScorer(Scorer):
         # cholesky_ex reports failure in a tensor instead of raising, so the step never
         # waits for the device; the ridge keeps the matrix positive definite anyway.
         chol, _ = torch.linalg.cholesky_ex(self.gram + lam[..., None, None] * eye)
-        z = torch.linalg.solve_triangular(chol, keys.transpose(-1, -2), upper=False)
+        z: torch.Tensor = torch.linalg.solve_triangular(chol, keys.transpose(-1, -2), upper=False)
         return (z * z).sum(-2)
 
     def _merge(self, other: Scorer) -> None:
+        # merge() calls this only once both scorers hold state (batch_size set).
         assert isinstance(other, LeverageScorer) and self.gram is not None
+        assert other.gram is not None
         _add_finite(self.gram, other.gram)
 
     def state(self) -> dict[str, torch.Tensor]:

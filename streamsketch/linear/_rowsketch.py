@@ -60,7 +60,7 @@ class LinearRowSketch(Sketch, FeatureMap):
         self.sketch_size = check_int(sketch_size, "sketch_size", minimum=1)
         self.dtype = check_dtype_arg(dtype)
         self._key = seed_to_key(seed)
-        self._SA = np.zeros((self.sketch_size, self.n_features), dtype=self.dtype)
+        self._SA: np.ndarray = np.zeros((self.sketch_size, self.n_features), dtype=self.dtype)
         self._n_seen = 0
         self._next_index = 0
 
@@ -137,7 +137,8 @@ class LinearRowSketch(Sketch, FeatureMap):
 
     def update(self, x: Any, start_index: int | None = None) -> LinearRowSketch:
         """Add one row ``x`` of shape ``(n_features,)``; see :meth:`extend`."""
-        return super().update(x, start_index=start_index)
+        super().update(x, start_index=start_index)
+        return self
 
     def _accumulate(self, X: np.ndarray, start: int) -> None:
         # NaN/Inf anywhere in X make the (fresh) contribution non-finite, so
@@ -166,7 +167,8 @@ class LinearRowSketch(Sketch, FeatureMap):
     # -- results ------------------------------------------------------------
     def result(self) -> np.ndarray:
         """``S·A`` of all rows seen, shape ``(sketch_size, n_features)`` (a copy)."""
-        return self._SA.copy()
+        out: np.ndarray = self._SA.copy()
+        return out
 
     def sketch_matrix(self, n_rows: int, start_index: int = 0) -> np.ndarray:
         """The explicit ``S[:, start_index : start_index + n_rows]`` (for tests and teaching).

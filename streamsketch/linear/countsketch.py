@@ -12,10 +12,9 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import numba
 import numpy as np
 
-from .._parallel import num_threads, run_chunks, split_rows
+from .._parallel import njit, num_threads, run_chunks, split_rows
 from .._random import SeedLike, hash_index, hashed_buckets_signs
 from .._validation import as_float_matrix, check_finite, check_int
 from ._rowsketch import LinearRowSketch, _finite_features
@@ -30,8 +29,10 @@ _ROWS_PER_THREAD = 8192
 _UNIT = 16384
 
 
-@numba.njit(nogil=True, cache=True)
-def _scatter_rows(X, key, start, lo, hi, out):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _scatter_rows(  # pragma: no cover - compiled
+    X: np.ndarray, key: int, start: int, lo: int, hi: int, out: np.ndarray
+) -> None:
     """``out[h(i)] += s(i) * X[i]`` for ``lo <= i < hi`` (global index ``start + i``).
 
     Hashes inline (the formula of ``hashed_buckets_signs``, checked equal by
@@ -51,8 +52,10 @@ def _scatter_rows(X, key, start, lo, hi, out):  # pragma: no cover - compiled
                 row[j] -= X[i, j]
 
 
-@numba.njit(nogil=True, cache=True)
-def _scatter_cols(X, key, lo, hi, out):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _scatter_cols(  # pragma: no cover - compiled
+    X: np.ndarray, key: int, lo: int, hi: int, out: np.ndarray
+) -> None:
     """Feature map: ``out[i, h(f)] += s(f) * X[i, f]`` for rows ``lo <= i < hi``."""
     d = X.shape[1]
     buckets = np.empty(d, np.int64)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numba
 import numpy as np
 
-from .._parallel import run_chunks, split_rows
+from .._parallel import njit, run_chunks, split_rows
 from .._random import SeedLike, derive_key, key_generator, seed_to_key
 from .._validation import as_float_matrix, check_dtype_arg, check_int
 from ..base import FeatureMap
@@ -25,8 +24,10 @@ __all__ = ["PolySketch"]
 _ROWS_PER_THREAD = 256
 
 
-@numba.njit(nogil=True, cache=True)
-def _self_tensor(psi, lo, hi, symmetric, out):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _self_tensor(  # pragma: no cover - compiled
+    psi: np.ndarray, lo: int, hi: int, symmetric: bool, out: np.ndarray
+) -> None:
     """Rows ``lo <= i < hi`` of ``psi(x) (x) psi(x)`` (full or packed upper triangle)."""
     r = psi.shape[1]
     root2 = np.sqrt(2.0)
@@ -235,11 +236,14 @@ class PolySketch(FeatureMap):
     def _psi(self, X: np.ndarray) -> np.ndarray:
         scale = self.dtype.type(1.0 / math.sqrt(self.sketch_size))
         if self._root is None:
-            return (X @ self._G.T) * scale
+            psi: np.ndarray = (X @ self._G.T) * scale
+            return psi
 
         def evaluate(node: _Node | None) -> np.ndarray:
             if node is None:
                 return X
+            a: np.ndarray
+            b: np.ndarray
             if node.left is None and node.right is None:
                 # Both factors see x: one GEMM against the stacked matrices.
                 both = X @ np.concatenate([node.G1, node.G2]).T

@@ -47,10 +47,10 @@ from __future__ import annotations
 from itertools import pairwise
 from typing import Any
 
-import numba
 import numpy as np
+import numpy.typing as npt
 
-from .._parallel import num_threads, run_chunks
+from .._parallel import njit, num_threads, run_chunks
 from .._random import SeedLike, derive_key, hashed_signs, key_generator
 from ._rowsketch import LinearRowSketch
 
@@ -77,19 +77,20 @@ _UNIT = 16384
 _COL_TILE = 256
 
 
-@numba.njit(nogil=True, cache=True)
-def _parity(x):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _parity(x: np.uint64) -> np.uint64:  # pragma: no cover - compiled
     x ^= x >> np.uint64(32)
     x ^= x >> np.uint64(16)
     x ^= x >> np.uint64(8)
     x ^= x >> np.uint64(4)
     x ^= x >> np.uint64(2)
     x ^= x >> np.uint64(1)
-    return x & np.uint64(1)
+    x &= np.uint64(1)  # in place, like the lines above: keeps the uint64 type (see _mix64)
+    return x
 
 
-@numba.njit(nogil=True, cache=True)
-def _fwht(W, k):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _fwht(W: np.ndarray, k: int) -> None:  # pragma: no cover - compiled
     """In-place unnormalised Walsh–Hadamard transform of ``W[:k]`` along axis 0."""
     ncols = W.shape[1]
     h = 1
@@ -106,8 +107,17 @@ def _fwht(W, k):  # pragma: no cover - compiled
         h *= 2
 
 
-@numba.njit(nogil=True, cache=True)
-def _srht_accumulate(X, lo, hi, start, sign_key, rows, cap, out):  # pragma: no cover
+@njit(nogil=True, cache=True)
+def _srht_accumulate(  # pragma: no cover - compiled
+    X: np.ndarray,
+    lo: int,
+    hi: int,
+    start: int,
+    sign_key: int,
+    rows: npt.NDArray[np.int64],
+    cap: int,
+    out: np.ndarray,
+) -> None:
     """``out += (H D X)[rows]`` over rows ``lo <= i < hi`` of ``X`` (position ``start + i``).
 
     Unscaled (no ``1/sqrt(m)``); ``out`` has shape ``(len(rows), X.shape[1])``.
@@ -218,13 +228,16 @@ class SRHT(LinearRowSketch):
         super().__init__(n_features, sketch_size, dtype=dtype, seed=seed)
         self._sign_key = derive_key(self._key, _SIGN_KEY_PATH)
         gen = key_generator(derive_key(self._key, _ROWS_KEY_PATH))
-        self._rows = gen.integers(0, _ROW_RANGE, size=self.sketch_size, dtype=np.int64)
+        self._rows: npt.NDArray[np.int64] = gen.integers(
+            0, _ROW_RANGE, size=self.sketch_size, dtype=np.int64
+        )
         self._cap = _cap_for(self.sketch_size)
 
     @property
     def hadamard_rows(self) -> np.ndarray:
         """The sampled Hadamard row indices ``r_1, ..., r_m``, shape ``(m,)``, int64 (a copy)."""
-        return self._rows.copy()
+        rows: npt.NDArray[np.int64] = self._rows.copy()
+        return rows
 
     @classmethod
     def _predicted_nbytes(cls, params: dict[str, Any]) -> int:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numba
 import numpy as np
+import numpy.typing as npt
 import scipy.fft
 
-from .._parallel import run_chunks, split_rows
+from .._parallel import njit, run_chunks, split_rows
 from .._random import SeedLike, derive_key, hashed_buckets_signs, seed_to_key
 from .._validation import as_float_matrix, check_dtype_arg, check_int
 from ..base import FeatureMap
@@ -40,8 +40,15 @@ _MAX_BLOCK_ROWS = 1024
 _NUMPY_FFT_OUT = int(np.__version__.split(".")[0]) >= 2
 
 
-@numba.njit(nogil=True, cache=True)
-def _scatter_degrees(X, lo, hi, buckets, signs, buf):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _scatter_degrees(  # pragma: no cover - compiled
+    X: np.ndarray,
+    lo: int,
+    hi: int,
+    buckets: npt.NDArray[np.int64],
+    signs: np.ndarray,
+    buf: np.ndarray,
+) -> float:
     """``buf[j, i - lo]`` = CountSketch ``C_j`` of row ``X[i]``, for ``lo <= i < hi``.
 
     Returns the largest ``||X[i]||_1`` of the block (for the overflow bound).

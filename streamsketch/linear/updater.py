@@ -149,7 +149,7 @@ class LinearAttentionState(Sketch):
         self._n_seen += X.shape[0]
         return self
 
-    def update(self, x: Any, y: Any) -> LinearAttentionState:  # type: ignore[override]
+    def update(self, x: Any, y: Any) -> LinearAttentionState:
         """Add one pair: ``x`` of shape ``(n_features,)``, ``y`` of shape ``(n_targets,)``."""
         x = as_float_vector(x, "x", self.n_features, dtype=self.dtype)
         y = as_float_vector(y, "y", self.n_targets, dtype=self.dtype)
@@ -174,7 +174,7 @@ class LinearAttentionState(Sketch):
         try:
             with np.errstate(over="ignore", invalid="ignore"):
                 phi = self.feature_map.transform(Q).astype(self.dtype, copy=False)
-                num = phi @ self._S
+                num: np.ndarray = phi @ self._S
         except ValueError:
             # Q is validated above: the map can only refuse an overflow.
             raise ValueError("Q is too large: its features overflow the dtype") from None
@@ -182,6 +182,7 @@ class LinearAttentionState(Sketch):
             raise ValueError("Q is too large: its features or read-out overflow the dtype")
         if not normalize:
             return num
-        den = phi @ self._z
+        den: np.ndarray = phi @ self._z
         with np.errstate(divide="ignore", invalid="ignore"):
-            return num / den[:, None]
+            out: np.ndarray = num / den[:, None]
+        return out

@@ -302,7 +302,8 @@ class FrequentDirections(Sketch):
         """
         ell = self.sketch_size
         if self._n_filled <= ell:
-            return self._buf[:ell].copy()
+            head: np.ndarray = self._buf[:ell].copy()
+            return head
         sigma, Vt, _ = self._factor()
         B = np.zeros((ell, self.n_features), dtype=self.dtype)
         B[: sigma.shape[0]] = sigma.astype(self.dtype)[:, None] * Vt
@@ -321,7 +322,7 @@ class FrequentDirections(Sketch):
         """
         B = self.sketch()
         with np.errstate(over="ignore", invalid="ignore"):
-            cov = B.T @ B
+            cov: np.ndarray = B.T @ B
         if not np.isfinite(cov).all():
             raise ValueError(
                 f"the covariance overflows {self.dtype}; compute sketch().T @ sketch() in float64"

@@ -21,7 +21,7 @@ scores without factorising ``A`` itself.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -76,7 +76,8 @@ def _rank_tol(s: np.ndarray, shape: tuple[int, int]) -> float:
     # indistinguishable from the rounding error of a backward-stable
     # factorisation of a matrix of this shape.
     smax = float(s.max(initial=0.0))
-    return smax * max(shape) * np.finfo(np.float64).eps
+    tol: float = smax * max(shape) * np.finfo(np.float64).eps
+    return tol
 
 
 def _check_factor(R: np.ndarray) -> None:
@@ -87,7 +88,8 @@ def _check_factor(R: np.ndarray) -> None:
 
 
 def _row_sq_norms(X: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", X, X)
+    sq: np.ndarray = np.einsum("ij,ij->i", X, X)
+    return sq
 
 
 def _row_sq_norms_of_product(A: np.ndarray, T: np.ndarray) -> np.ndarray:
@@ -148,7 +150,8 @@ def _sketched_scores(
     if ridge > 0.0:
         # The ridge part of [A; sqrt(ridge) I] is already small: keep it exact.
         SA = np.vstack([SA, math.sqrt(ridge) * np.eye(d)])
-    R = np.linalg.qr(SA, mode="r")
+    # numpy's stubs give every mode the (Q, R) result; mode="r" returns R alone.
+    R = cast(np.ndarray, np.linalg.qr(SA, mode="r"))
     _check_factor(R)
     # (SA)^T SA = V S^2 V^T, so a^T ((SA)^T SA)^+ a = ||a^T V_r S_r^{-1}||^2;
     # the SVD of the small R also handles rank-deficient A (the pseudo-inverse

@@ -277,6 +277,7 @@ def lp_sensitivity_bound(w: Any, p: float, d: int) -> np.ndarray:
     d = check_int(d, "d", minimum=1)
     if w.size and w.min() < 0:
         raise ValueError("w must be non-negative (Lewis weights)")
+    bound: np.ndarray
     if p <= 2.0:
         bound = w.copy()
     else:
@@ -338,15 +339,17 @@ def _whitener(M: np.ndarray) -> np.ndarray:
     """
     try:
         L = scipy.linalg.cholesky(M, lower=True, check_finite=False)
-        return scipy.linalg.solve_triangular(
+        R: np.ndarray = scipy.linalg.solve_triangular(
             L, np.eye(M.shape[0]), lower=True, check_finite=False
         ).T
+        return R
     except np.linalg.LinAlgError:
         # Numerically singular M (weights spanning ~16 orders of magnitude):
         # floor the spectrum at the rounding level instead of failing.
         ev, V = np.linalg.eigh(M)
         floor = max(float(ev[-1]), np.finfo(np.float64).tiny) * M.shape[0] * 1e-15
-        return V / np.sqrt(np.maximum(ev, floor))
+        R = V / np.sqrt(np.maximum(ev, floor))
+        return R
 
 
 def _fixed_point_map(
@@ -363,7 +366,8 @@ def _fixed_point_map(
     M = (ubar.T * coef) @ ubar
     M[np.diag_indices_from(M)] += ridge_diag
     Z = ubar @ _whitener(M)
-    return 0.5 * p * (2.0 * lnu + np.log(np.einsum("ij,ij->i", Z, Z)))
+    log_phi: np.ndarray = 0.5 * p * (2.0 * lnu + np.log(np.einsum("ij,ij->i", Z, Z)))
+    return log_phi
 
 
 def _default_fp_iters(p: float, tol: float) -> int:
@@ -484,7 +488,8 @@ def _newton(
 
         def hess(E: np.ndarray, Z: np.ndarray = Z, coef: np.ndarray = coef) -> np.ndarray:
             s = np.einsum("ij,ij->i", Z @ E, Z)
-            return E + (Z.T * (coef * s)) @ Z
+            HE: np.ndarray = E + (Z.T * (coef * s)) @ Z
+            return HE
 
         rhs = eye - Mt
         E = _cg(hess, rhs, rtol=min(0.1, float(np.linalg.norm(rhs))), max_iter=10 * r + 50)

@@ -221,16 +221,17 @@ class MergeReduce(Sketch):
 
     def update(self, x: Any, start_index: int | None = None) -> MergeReduce:
         """Consume one row ``x`` of shape ``(n_features,)``; same as ``extend(x[None])``."""
-        return super().update(x, start_index=start_index)
+        super().update(x, start_index=start_index)
+        return self
 
     @staticmethod
     def _carry(buckets: list[Sketch | None], carry: Sketch) -> None:
         """Binary-counter insertion of a level-0 reducer ``carry`` (owned, mutable)."""
         level = 0
-        while level < len(buckets) and buckets[level] is not None:
+        while level < len(buckets) and (stored := buckets[level]) is not None:
             # Older data first would need a copy of the stored bucket; FD and
             # the other reducers' guarantees do not depend on the order.
-            carry.merge(buckets[level])
+            carry.merge(stored)
             buckets[level] = None
             level += 1
         if level == len(buckets):
@@ -275,8 +276,8 @@ class MergeReduce(Sketch):
             # never share a mutable object.
             fresh = carry
             items = [b for b in (own, carry) if b is not None]
-            if level < len(theirs) and theirs[level] is not None:
-                items.append(theirs[level])
+            if level < len(theirs) and (their := theirs[level]) is not None:
+                items.append(their)
             carry = None
             if not items:
                 buckets.append(None)
@@ -366,11 +367,14 @@ class MergeReduce(Sketch):
             tree = cls._from_params(params)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"corrupt {name} blob: bad parameters ({exc})") from None
-        n_seen, n_levels = fields.get("scalar.n_seen"), fields.get("scalar.n_levels")
-        next_index = fields.get("scalar.next_index")
-        for key, value in (("n_seen", n_seen), ("n_levels", n_levels), ("next_index", next_index)):
+
+        def counter(key: str) -> int:
+            value = fields.get("scalar." + key)
             if type(value) is not int or value < 0:
                 raise ValueError(f"corrupt {name} blob: {key!r} must be a non-negative int")
+            return value
+
+        n_seen, n_levels, next_index = counter("n_seen"), counter("n_levels"), counter("next_index")
         if n_levels > _MAX_LEVELS:
             raise ValueError(f"corrupt {name} blob: {n_levels} levels")
         expected = {"param.leaf_size", "param.reducer", "scalar.n_seen", "scalar.n_levels", "leaf"}

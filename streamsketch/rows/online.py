@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import scipy.linalg
 
 from .._validation import (
@@ -143,11 +144,11 @@ class OnlineRidgeLeverage(Sketch):
             refactor_every = max(1024, 16 * self.n_features)
         self.refactor_every = check_int(refactor_every, "refactor_every", minimum=1)
         d = self.n_features
-        self._M = np.eye(d) * self.ridge
+        self._M: npt.NDArray[np.float64] = np.eye(d) * self.ridge
         # M^{-1} is kept in float64 whatever ``dtype``: in float32 the
         # Woodbury updates make it indefinite on ill-conditioned streams
         # (rank-deficient keys with a small ridge), and it is only d^2 numbers.
-        self._P = np.eye(d) / self.ridge
+        self._P: npt.NDArray[np.float64] = np.eye(d) / self.ridge
         self._n_seen = 0
         self._since_refactor = 0
 
@@ -215,7 +216,8 @@ class OnlineRidgeLeverage(Sketch):
             raise ValueError("the Gram matrix is singular")
         Linv = np.tril(Linv)
         P = Linv.T @ Linv
-        return 0.5 * (P + P.T)
+        sym: npt.NDArray[np.float64] = 0.5 * (P + P.T)
+        return sym
 
     def _block(
         self, X: np.ndarray, M: np.ndarray, P: np.ndarray, out: np.ndarray
@@ -337,7 +339,7 @@ class OnlineRidgeLeverage(Sketch):
         X = as_float_matrix(X, "X", self.n_features, dtype=self.dtype)
         with np.errstate(over="ignore", invalid="ignore"):
             XP = X @ self._P
-            out = np.einsum("ij,ij->i", XP, X, dtype=np.float64)
+            out: npt.NDArray[np.float64] = np.einsum("ij,ij->i", XP, X, dtype=np.float64)
         if not np.isfinite(out).all():
             raise ValueError("X is too large: its scores overflow float64")
         return np.maximum(out, 0.0)
@@ -368,9 +370,11 @@ class OnlineRidgeLeverage(Sketch):
     @property
     def gram(self) -> np.ndarray:
         """``K^T K + ridge * I`` of all rows seen, (d, d) float64 (a copy)."""
-        return self._M.copy()
+        M: npt.NDArray[np.float64] = self._M.copy()
+        return M
 
     @property
     def inverse(self) -> np.ndarray:
         """The maintained ``M^{-1}``, (d, d) float64 (a copy)."""
-        return self._P.copy()
+        P: npt.NDArray[np.float64] = self._P.copy()
+        return P

@@ -40,13 +40,13 @@ Bounds used (``M = K^T K`` over all keys so far, ``tau_j = k_j^T M^+ k_j``):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
-import numba
 import numpy as np
+import numpy.typing as npt
 import scipy.linalg
 
-from .._parallel import fixed_chunks, run_chunks, split_rows
+from .._parallel import fixed_chunks, njit, run_chunks, split_rows
 from .._validation import (
     as_float_matrix,
     as_float_vector,
@@ -76,9 +76,16 @@ _ROWS_PER_THREAD = 2048
 # Bound on the kept-row buffer, in elements, to refuse absurd eps at construction.
 _MAX_BUFFER = 2**33
 
+# (R, K, idx, sc): the Gram's factor, the kept keys, their positions and scores.
+_LowState = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+# (K, idx, sc) without a factor (p > 2).
+_HighState = tuple[np.ndarray, np.ndarray, np.ndarray]
 
-@numba.njit(nogil=True, cache=True)
-def _gram_upper(B, lo, hi, out):  # pragma: no cover - compiled
+
+@njit(nogil=True, cache=True)
+def _gram_upper(  # pragma: no cover - compiled
+    B: npt.NDArray[np.float64], lo: int, hi: int, out: npt.NDArray[np.float64]
+) -> None:
     """``out[a, c] += sum_i B[i, a] B[i, c]`` for ``a <= c`` and rows ``lo <= i < hi``.
 
     Eight rows per sweep of the upper triangle keep the accumulators in
@@ -108,8 +115,15 @@ def _gram_upper(B, lo, hi, out):  # pragma: no cover - compiled
                 out[a, c] += xa * B[r, c]
 
 
-@numba.njit(nogil=True, cache=True)
-def _whitened_sq(K, W, upper, lo, hi, out):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _whitened_sq(  # pragma: no cover - compiled
+    K: npt.NDArray[np.float64],
+    W: npt.NDArray[np.float64],
+    upper: bool,
+    lo: int,
+    hi: int,
+    out: npt.NDArray[np.float64],
+) -> None:
     """``out[i] = ||K[i] @ W||^2`` for rows ``lo <= i < hi`` (``W`` triangular if ``upper``)."""
     d = K.shape[1]
     y = np.empty(W.shape[1])
@@ -125,8 +139,10 @@ def _whitened_sq(K, W, upper, lo, hi, out):  # pragma: no cover - compiled
         out[i] = s
 
 
-@numba.njit(nogil=True, cache=True)
-def _cholesky_upper(G, C):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _cholesky_upper(  # pragma: no cover - compiled
+    G: npt.NDArray[np.float64], C: npt.NDArray[np.float64]
+) -> bool:
     """Upper ``C`` with ``C^T C = G`` (d x d, built as the lower ``L = C^T`` by rows).
 
     Returns False if ``G`` is not numerically positive definite. A compiled
@@ -152,8 +168,10 @@ def _cholesky_upper(G, C):  # pragma: no cover - compiled
     return True
 
 
-@numba.njit(nogil=True, cache=True)
-def _inv_upper(C, X):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _inv_upper(  # pragma: no cover - compiled
+    C: npt.NDArray[np.float64], X: npt.NDArray[np.float64]
+) -> None:
     """``X = C^{-1}`` for upper-triangular ``C`` with a nonzero diagonal (O(d^3 / 6))."""
     d = C.shape[0]
     X[:, :] = 0.0
@@ -166,8 +184,10 @@ def _inv_upper(C, X):  # pragma: no cover - compiled
             X[i, j] = -s / C[i, i]
 
 
-@numba.njit(nogil=True, cache=True)
-def _forward_sub_upper_t(C, Z):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _forward_sub_upper_t(  # pragma: no cover - compiled
+    C: npt.NDArray[np.float64], Z: npt.NDArray[np.float64]
+) -> None:
     """``Z <- C^{-T} Z`` in place (``C`` upper triangular, ``Z`` s x m, by rows)."""
     s = C.shape[0]
     for i in range(s):
@@ -198,7 +218,8 @@ def _gram(B: np.ndarray) -> np.ndarray:
     G = parts[0]
     for q in parts[1:]:
         G += q
-    return np.triu(G) + np.triu(G, 1).T
+    full: np.ndarray = np.triu(G) + np.triu(G, 1).T
+    return full
 
 
 class _Whitener:
@@ -212,12 +233,18 @@ class _Whitener:
     ``W W^T = (R^T R + ridge I)^+``.
     """
 
+    W: np.ndarray
+    V: np.ndarray | None
+    rank: int
+    upper: bool
+    s_max: float  # set only on the SVD path (rank < d is possible only there)
+
     def __init__(self, R: np.ndarray, ridge: float) -> None:
         d = R.shape[0]
         if ridge > 0:
             G = _gram(R)
             G[np.diag_indices(d)] += ridge
-            F = _chol_upper(G)
+            F: np.ndarray | None = _chol_upper(G)
         else:
             F = R
         if F is not None and _rcond(F) >= _FAST_RCOND:
@@ -241,7 +268,8 @@ class _Whitener:
 
     def whiten(self, K: np.ndarray) -> np.ndarray:
         """``K @ W``: whitened coordinates, (m, d)."""
-        return K @ self.W
+        Y: np.ndarray = K @ self.W
+        return Y
 
     def tau(self, K: np.ndarray) -> np.ndarray:
         """``||k @ W||^2`` per row of float64 ``K`` (compiled kernel, row chunks in threads)."""
@@ -288,7 +316,8 @@ def _triu_factor(R: np.ndarray, B: np.ndarray) -> np.ndarray:
     C = _chol_upper(_gram(np.concatenate([R, B])))
     if C is not None and _rcond(C) >= _FAST_RCOND:
         return C
-    r = np.linalg.qr(np.concatenate([R, B]), mode="r")
+    # numpy's stubs give every mode the (Q, R) result; mode="r" returns R alone.
+    r = cast(np.ndarray, np.linalg.qr(np.concatenate([R, B]), mode="r"))
     out = np.zeros((d, d))
     out[: r.shape[0]] = np.triu(r)
     return out
@@ -303,7 +332,8 @@ def _svd(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _row_sq(Y: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", Y, Y)
+    sq: np.ndarray = np.einsum("ij,ij->i", Y, Y)
+    return sq
 
 
 def _lewis_bounds(K: np.ndarray, p: float) -> np.ndarray:
@@ -390,19 +420,29 @@ def _tie_key(sc: np.ndarray) -> np.ndarray:
     rounding paths (a row fed alone vs. in a block) compare equal, so the
     index decides, as documented."""
     m, e = np.frexp(sc)
-    return np.ldexp(np.floor(m * 2.0**_TIE_BITS + 0.5), e - _TIE_BITS)
+    key: np.ndarray = np.ldexp(np.floor(m * 2.0**_TIE_BITS + 0.5), e - _TIE_BITS)
+    return key
 
 
-@numba.njit(nogil=True, cache=True)
-def _tie_key1(x):  # pragma: no cover - compiled
+@njit(nogil=True, cache=True)
+def _tie_key1(x: float) -> float:  # pragma: no cover - compiled
     if x <= 0.0:
         return x
     m, e = math.frexp(x)
     return math.ldexp(math.floor(m * 2.0**_TIE_BITS + 0.5), e - _TIE_BITS)
 
 
-@numba.njit(nogil=True, cache=True)
-def _simulate_capacity(tau0, cum, idx, n, cap, eps, half_p, alive):  # pragma: no cover
+@njit(nogil=True, cache=True)
+def _simulate_capacity(  # pragma: no cover - compiled
+    tau0: npt.NDArray[np.float64],
+    cum: npt.NDArray[np.float64],
+    idx: npt.NDArray[np.int64],
+    n: int,
+    cap: int,
+    eps: float,
+    half_p: float,
+    alive: npt.NDArray[np.bool_],
+) -> None:
     """Per-row capacity decisions inside a block, from exact running scores.
 
     Candidates ``0..n-1`` are the kept keys, ``n..n+s-1`` the block's rows in
@@ -614,7 +654,7 @@ class UniversalSet(Sketch):
             )
         self._max_kept = int(max(max_kept, 0))
         self._low_p = self.p <= 2
-        self._R = np.zeros((d, d)) if self._low_p else None
+        self._R: npt.NDArray[np.float64] | None = np.zeros((d, d)) if self._low_p else None
         self._rows = np.zeros((self._max_kept, d), dtype=self.dtype)
         self._indices = np.zeros(self._max_kept, dtype=np.int64)
         self._scores = np.zeros(self._max_kept, dtype=np.float64)
@@ -664,7 +704,7 @@ class UniversalSet(Sketch):
     def _state_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"rows": self._rows, "indices": self._indices, "scores": self._scores}
         if self._low_p:
-            arrays["R"] = self._R
+            arrays["R"] = self._factor()
         return arrays
 
     def _state_scalars(self) -> dict[str, int]:
@@ -683,14 +723,14 @@ class UniversalSet(Sketch):
         if np.any(sc[:n] < self.eps) or np.any(sc[:n] > 1.0):
             raise ValueError(f"corrupt {name} blob: scores are outside [eps, 1]")
         if self._low_p:
-            R = self._R
+            R = self._factor()
             if np.any(np.tril(R, -1) != 0):
                 raise ValueError(f"corrupt {name} blob: R is not upper triangular")
             if n:
                 # The stored scores must be the current scores of the stored rows.
                 again = self._score_low_p(self._rows[:n].astype(np.float64), R)
                 if self._lewis_low:  # running minima of tau^(p/2) and Lewis bounds
-                    bad = np.any(sc[:n] > again * (1 + 1e-6) + 1e-9)
+                    bad = bool(np.any(sc[:n] > again * (1 + 1e-6) + 1e-9))
                 else:
                     bad = not np.allclose(again, sc[:n], rtol=1e-6, atol=1e-9)
                 if bad:
@@ -700,17 +740,20 @@ class UniversalSet(Sketch):
     @property
     def indices(self) -> np.ndarray:
         """Global stream positions of the kept keys, (n_kept,) int64, increasing (a copy)."""
-        return self._indices[: self._n_kept].copy()
+        idx: npt.NDArray[np.int64] = self._indices[: self._n_kept].copy()
+        return idx
 
     @property
     def rows(self) -> np.ndarray:
         """The kept keys, (n_kept, n_features) in ``dtype``, ordered as :attr:`indices`."""
-        return self._rows[: self._n_kept].copy()
+        K: np.ndarray = self._rows[: self._n_kept].copy()
+        return K
 
     @property
     def scores(self) -> np.ndarray:
         """Current scores of the kept keys, (n_kept,) float64, all ``>= eps``."""
-        return self._scores[: self._n_kept].copy()
+        sc: npt.NDArray[np.float64] = self._scores[: self._n_kept].copy()
+        return sc
 
     @property
     def n_kept(self) -> int:
@@ -731,7 +774,14 @@ class UniversalSet(Sketch):
         """``K^T K`` of every key seen (without the ridge), (d, d) float64. ``p <= 2`` only."""
         if not self._low_p:
             raise ValueError("the Gram matrix is kept only for p <= 2")
-        return self._R.T @ self._R
+        R = self._factor()
+        G: npt.NDArray[np.float64] = R.T @ R
+        return G
+
+    def _factor(self) -> npt.NDArray[np.float64]:
+        """The Gram's square-root factor ``R`` (d x d), kept exactly when ``p <= 2``."""
+        assert self._R is not None  # allocated in __init__ iff self._low_p
+        return self._R
 
     # -- scoring ------------------------------------------------------------
     def _score_from_tau(self, tau: np.ndarray) -> np.ndarray:
@@ -757,7 +807,15 @@ class UniversalSet(Sketch):
             K, idx, sc = K[order], idx[order], sc[order]
         return K, idx, sc
 
-    def _step_final(self, R, K, idx, sc, B, idxB):
+    def _step_final(
+        self,
+        R: np.ndarray,
+        K: np.ndarray,
+        idx: np.ndarray,
+        sc: np.ndarray,
+        B: np.ndarray,
+        idxB: np.ndarray,
+    ) -> _LowState:
         """One block scored at its end: exact for the threshold rule (monotone scores)."""
         B64 = B.astype(np.float64, copy=False)
         R = _triu_factor(R, B64)
@@ -800,7 +858,15 @@ class UniversalSet(Sketch):
             new[live] = np.minimum(new[live], np.clip(lw, 0.0, 1.0))
         return new
 
-    def _step_simulated(self, R, wh, K, idx, B, idxB):
+    def _step_simulated(
+        self,
+        R: np.ndarray,
+        wh: _Whitener,
+        K: np.ndarray,
+        idx: np.ndarray,
+        B: np.ndarray,
+        idxB: np.ndarray,
+    ) -> _LowState | None:
         """A sub-block in capacity mode, every row's eviction decided as if fed alone."""
         n, s = K.shape[0], B.shape[0]
         Kc = np.concatenate([K, B])
@@ -833,7 +899,15 @@ class UniversalSet(Sketch):
         K, idx, sc = self._limit(Kc, idxc, new)
         return R, K, idx, sc
 
-    def _extend_low_p(self, R, K, idx, sc, X, idxX):
+    def _extend_low_p(
+        self,
+        R: np.ndarray,
+        K: np.ndarray,
+        idx: np.ndarray,
+        sc: np.ndarray,
+        X: np.ndarray,
+        idxX: np.ndarray,
+    ) -> _LowState:
         d = self.n_features
         k = X.shape[0]
         block = max(4096, 2 * self._max_kept, 32 * d)
@@ -853,6 +927,7 @@ class UniversalSet(Sketch):
                 # adds a direction is fed alone (it happens at most d times).
                 Bs = X[pos:hi].astype(np.float64)
                 V = wh.V
+                assert V is not None  # rank < d: the SVD path, which sets V
                 resid = np.linalg.norm(Bs - (Bs @ V.T) @ V, axis=1)
                 scale = np.maximum(wh.s_max, np.linalg.norm(Bs, axis=1))
                 out = np.flatnonzero(resid > _RANK_RTOL * scale)
@@ -870,7 +945,9 @@ class UniversalSet(Sketch):
             pos = hi
         return R, K, idx, sc
 
-    def _extend_high_p(self, K, idx, sc, X, idxX):
+    def _extend_high_p(
+        self, K: np.ndarray, idx: np.ndarray, sc: np.ndarray, X: np.ndarray, idxX: np.ndarray
+    ) -> _HighState:
         block = max(1024, 2 * self._max_kept, 32 * self.n_features)
         pos, k = 0, X.shape[0]
         while pos < k:
@@ -933,7 +1010,7 @@ class UniversalSet(Sketch):
             # Everything is computed into new arrays and installed at the end,
             # so a failure mid-way leaves the set as it was.
             if self._low_p:
-                R, K, idx, sc = self._extend_low_p(self._R, K, idx, sc, X, idxX)
+                R, K, idx, sc = self._extend_low_p(self._factor(), K, idx, sc, X, idxX)
                 self._R = R
             else:
                 K, idx, sc = self._extend_high_p(K, idx, sc, X, idxX)
@@ -973,8 +1050,9 @@ class UniversalSet(Sketch):
         prev = np.concatenate([self.scores, other.scores])
         order = np.argsort(idx, kind="stable")
         K, idx, prev = K[order], idx[order], prev[order]
+        R: np.ndarray | None
         if self._low_p:
-            R = _triu_factor(self._R, other._R)
+            R = _triu_factor(self._factor(), other._factor())
             if not np.isfinite(R).all():
                 raise ValueError("other cannot be merged: the Gram matrix overflows")
             new = self._score_low_p(K.astype(np.float64), R)
