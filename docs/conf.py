@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import streamsketch  # noqa: E402
+import streamsketch
 
 project = "streamsketch"
 author = "the streamsketch developers"

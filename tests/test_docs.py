@@ -24,6 +24,7 @@ PAGES = {
     "streamsketch.kv.evaluate": "kv",
     "streamsketch.distributed": "distributed",
     "streamsketch.dask": "dask",
+    "streamsketch.nla": "nla",
 }
 #: Re-exports in the top-level namespace that have their page under their subpackage.
 REEXPORTED = {"linear", "rows"}

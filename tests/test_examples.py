@@ -24,6 +24,8 @@ SMOKE: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "quickstart.py": ([], ()),
     "universal_set_file.py": (["--rows", "60000"], ()),
     "kv_generate.py": (["--prompt-tokens", "300", "--new-tokens", "6"], ("model",)),
+    "nla_lstsq.py": (["--rows", "20000", "--cols", "50"], ()),
+    "streaming_low_rank.py": (["--rows", "8000", "--cols", "200", "--rank", "10"], ()),
     "dask_leverage.py": (["--rows", "200000", "--chunks", "8"], ("dask",)),
     "distributed_universal_set.py": (["--world", "2", "--rows", "40000"], ("torch",)),
     "train_attention.py": (
