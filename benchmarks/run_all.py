@@ -11,6 +11,7 @@ the plots. The README's benchmark table quotes these files.
     python benchmarks/run_all.py                  # full sizes, into benchmarks/results
     python benchmarks/run_all.py --quick          # smoke sizes, into benchmarks/results/quick
     python benchmarks/run_all.py --only linear nla
+    python benchmarks/run_all.py --collect        # no runs: one report of the latest results
 
 The full run takes about an hour on two CPU cores; ``--quick`` a few
 minutes. Also available as ``streamsketch bench``. Benchmarks that need
@@ -48,6 +49,8 @@ class Bench:
     files: tuple[str, ...]
     needs: tuple[str, ...] = ()
     full: tuple[str, ...] = field(default=())
+    #: Results taken elsewhere (a GPU, ``streamsketch eval``), shown when present.
+    extras: tuple[str, ...] = ()
 
 
 BENCHES = [
@@ -69,6 +72,7 @@ BENCHES = [
         "dir",
         ("attention_speed.md", "attention_speed.png"),
         needs=("torch", "matplotlib"),
+        extras=("attention_speed_cuda_bfloat16.md", "attention_speed_cuda_bfloat16.png"),
     ),
     Bench(
         "attention_accuracy",
@@ -85,6 +89,14 @@ BENCHES = [
         "dir",
         ("kv_decode.md",),
         needs=("torch", "transformers", "model"),
+        extras=(
+            "kv_decode_cuda.md",
+            "kv_decode_cuda_b8.md",
+            "kv_decode_cuda_random.md",
+            "kv_decode_cuda_b8_random.md",
+            "kv_eval.md",
+            "kv_eval.png",
+        ),
     ),
     Bench("merge", "bench_merge.py", ("--quick",), "file", ("merge.md",), needs=("torch",)),
 ]
@@ -105,7 +117,7 @@ def produced(bench: Bench, quick: bool) -> tuple[str, ...]:
         return ("attention_speed_quick.md", "attention_speed_quick.png")
     if quick and bench.name == "attention_accuracy":
         return ("attention_accuracy_quick.md",)
-    return bench.files
+    return bench.files + (() if quick else bench.extras)
 
 
 def command(bench: Bench, quick: bool, out: Path) -> list[str]:
@@ -163,12 +175,40 @@ def run(selected: list[Bench], quick: bool, out: Path, timeout: float) -> list[d
     return rows
 
 
-def report(rows: list[dict], quick: bool, out: Path, started: str, load: float) -> str:
+def collect(selected: list[Bench], quick: bool, out: Path) -> list[dict]:
+    """Rows for result files already on disk (``--collect``), dated by their modification time."""
+    rows = []
+    for bench in selected:
+        files = [out / name for name in produced(bench, quick) if (out / name).is_file()]
+        if files:
+            when = max(f.stat().st_mtime for f in files)
+            stamp = _dt.datetime.fromtimestamp(when, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+            status = f"collected (written {stamp} UTC)"
+        else:
+            status = "skipped: no result file yet"
+        rows.append({"bench": bench, "status": status, "seconds": 0.0})
+    return rows
+
+
+def report(
+    rows: list[dict], quick: bool, out: Path, started: str, load: float, collected: bool = False
+) -> str:
+    if collected:
+        head = (
+            f"Collected {started} UTC from the latest result file of each benchmark (nothing was "
+            "re-run); each section names the machine, the settings and the command it was "
+            "measured with."
+        )
+    else:
+        head = (
+            f"Started {started} UTC{' (--quick sizes)' if quick else ''}. This machine: "
+            f"{environment()}. 1-min load average {load:.2f} at the start, "
+            f"{load_average():.2f} at the end."
+        )
     lines = [
         "# streamsketch benchmark report",
         "",
-        f"Started {started} UTC{' (--quick sizes)' if quick else ''}. Machine: {environment()}. "
-        f"1-min load average {load:.2f} at the start, {load_average():.2f} at the end.",
+        head,
         "",
         "Every ratio below compares streamsketch with its peer timed in the same process, "
         "interleaved, best of several repeats (see each section for the settings).",
@@ -178,7 +218,8 @@ def report(rows: list[dict], quick: bool, out: Path, started: str, load: float) 
     ]
     for r in rows:
         cmd = f"`{r['command']}`" if "command" in r else ""
-        lines.append(f"| {r['bench'].name} | {r['status']} | {r['seconds']:.0f} s | {cmd} |")
+        wall = f"{r['seconds']:.0f} s" if "command" in r else "—"
+        lines.append(f"| {r['bench'].name} | {r['status']} | {wall} | {cmd} |")
     for r in rows:
         bench = r["bench"]
         lines += ["", f"## {bench.name}", ""]
@@ -212,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME", help=", ".join(NAMES))
     ap.add_argument("--out", type=Path, default=None, help="report folder")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per benchmark")
+    ap.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: gather the result files already in the folder into REPORT.md "
+        "(each file names its own machine, settings and command)",
+    )
     args = ap.parse_args(argv)
     out = args.out or HERE / "results" / ("quick" if args.quick else "")
     out = out.resolve()
@@ -219,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     selected = [b for b in BENCHES if not args.only or b.name in args.only]
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     load = load_average()
-    rows = run(selected, args.quick, out, args.timeout)
-    (out / "REPORT.md").write_text(report(rows, args.quick, out, started, load))
+    rows = (
+        collect(selected, args.quick, out)
+        if args.collect
+        else run(selected, args.quick, out, args.timeout)
+    )
+    text = report(rows, args.quick, out, started, load, collected=args.collect)
+    (out / "REPORT.md").write_text(text)
     print(f"wrote {out / 'REPORT.md'}")
     return 1 if any(r["status"].startswith(("failed", "timed")) for r in rows) else 0
 
