@@ -41,6 +41,10 @@ Each layer type has its own default number of steps and learning rate
 
 Usage: ``python examples/train_attention.py [--layer all|exact|lev|hyper|polysketch]
 [--steps N] [--lr LR] [--seq-len 128] [--batch 32] [--threads 1] [--seed 0]``
+
+Measured on two CPU cores, one thread (2026-11-23): accuracy 1.000 / 1.000 / 0.997 / 1.000 for
+exact / lev / hyper / polysketch in 21 / 60 / 40 / 51 s, about 3 minutes for ``--layer all``;
+each layer type alone runs in about a minute.
 """
 
 from __future__ import annotations
