@@ -7,7 +7,7 @@ def test_bench_writes_a_report(tmp_path, capsys):
     assert main(["bench", "--quick", "--only", "leverage", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "REPORT.md").read_text()
     assert "| leverage | ok |" in report
-    assert "Machine:" in report and "numpy" in report
+    assert "This machine:" in report and "numpy" in report
     # The leverage table itself, with a ratio against numpy's QR.
     assert "numpy" in (tmp_path / "leverage.md").read_text()
     assert (tmp_path / "logs" / "leverage.log").is_file()
