@@ -79,12 +79,20 @@ def _as_float_array(value: Any, name: str, dtype: np.dtype | None) -> np.ndarray
     return arr
 
 
-def check_finite(arr: np.ndarray, name: str) -> None:
-    """Raise :class:`ValueError` if ``arr`` holds NaN or +-Inf."""
+def check_finite(arr: np.ndarray, name: str, row_offset: int | None = None) -> None:
+    """Raise :class:`ValueError` if ``arr`` holds NaN or +-Inf.
+
+    With ``row_offset`` (a 2-D block of a longer row stream starting at that
+    row) the message names the stream's row and the column instead of the
+    block's index.
+    """
     if arr.size and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
-        where = ", ".join(str(int(i)) for i in bad)
-        raise ValueError(f"{name} contains NaN or Inf (first at index [{where}])")
+        if row_offset is not None:
+            where = f"row {row_offset + int(bad[0])}, column {int(bad[1])}"
+        else:
+            where = "index [" + ", ".join(str(int(i)) for i in bad) + "]"
+        raise ValueError(f"{name} contains NaN or Inf (first at {where})")
 
 
 def as_float_matrix(

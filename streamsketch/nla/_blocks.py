@@ -212,7 +212,7 @@ class RowSource:
                 block = raw.toarray()
             else:
                 block = as_float_matrix(raw, self.name, dtype=np.float64, finite=False)
-                _check_block(block, self.name, lo)
+                check_finite(block, self.name, row_offset=lo)
             yield lo, block
             release_pages(raw)
 
@@ -235,7 +235,7 @@ class RowSource:
                     raise ValueError(f"{what} must have at least one column")
             if block.shape[1] != width:
                 raise ValueError(f"{what} has {block.shape[1]} columns, expected {width}")
-            _check_block(block, what, start)
+            check_finite(block, what, row_offset=start)
             self.n_features = width
             yield start, block
             start += block.shape[0]
@@ -254,14 +254,6 @@ def _is_stream(A: Any) -> bool:
         # blocks (arrays or nested lists) is a stream.
         return len(A) > 0 and all(np.ndim(a) == 2 for a in A)
     return isinstance(A, Iterable)
-
-
-def _check_block(block: np.ndarray, what: str, start: int) -> None:
-    if block.size and not np.isfinite(block).all():
-        bad = np.argwhere(~np.isfinite(block))[0]
-        raise ValueError(
-            f"{what} contains NaN or Inf (first at row {start + int(bad[0])}, column {int(bad[1])})"
-        )
 
 
 def countsketch_sparse(A: scipy.sparse.csr_matrix, sketch_size: int, key: int) -> np.ndarray:
@@ -309,7 +301,7 @@ def sketch_columns(
             except ValueError:
                 # NaN/Inf always reach the (checked) sketch, so X is validated
                 # without a pass of its own; find the culprit only on failure.
-                _check_block(X, p.name, 0)
+                check_finite(X, p.name, row_offset=0)
                 raise ValueError(f"{p.name} is too large: its sketch overflows float64") from None
         if bar is not None:
             bar.update(n)

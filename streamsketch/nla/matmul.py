@@ -17,10 +17,9 @@ import numpy as np
 import scipy.sparse
 
 from .._random import SeedLike, seed_to_key
-from .._validation import as_float_matrix, check_float, check_int
+from .._validation import as_float_matrix, check_finite, check_float, check_int
 from ._blocks import (
     RowSource,
-    _check_block,
     check_bool,
     check_sketch,
     make_sketch,
@@ -183,7 +182,7 @@ def _pair_blocks(pairs: Iterable[Any]) -> Iterator[tuple[np.ndarray, np.ndarray]
             if scipy.sparse.issparse(raw):
                 raw = raw.toarray()
             X = as_float_matrix(raw, what, dtype=np.float64, finite=False)
-            _check_block(X, what, start)
+            check_finite(X, what, row_offset=start)
             blocks.append(X)
         Ab, Bb = blocks
         if Ab.shape[0] != Bb.shape[0]:
