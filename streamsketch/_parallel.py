@@ -8,6 +8,12 @@ drive different sketches at once.
 
 ``STREAMSKETCH_NUM_THREADS`` caps the thread count (default: CPU count).
 
+:func:`single_threaded_blas` runs a block with the BLAS libraries on one
+thread, for loops of many small dense operations (Frequent Directions'
+shrinks), where BLAS threads cost more than they give and, on a machine with
+other jobs, spin-wait against them: measured 25 s against 0.8 s for 100 000
+rows of width 64 with two threads under a load of two.
+
 The kernels are compiled through :func:`njit`, which is ``numba.njit`` typed
 for mypy (numba ships no type information).
 """
@@ -16,19 +22,36 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numba
 
-__all__ = ["fixed_chunks", "njit", "num_threads", "run_chunks", "split_rows"]
+__all__ = [
+    "fixed_chunks",
+    "njit",
+    "num_threads",
+    "run_chunks",
+    "single_threaded_blas",
+    "split_rows",
+]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _R = TypeVar("_R")
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+
+# BLAS thread limit shared by every thread of the process: BLAS libraries keep
+# one global thread count, so the first block to enter sets it and the last
+# to leave restores it (per-thread save/restore would race and could leave
+# BLAS on one thread for good).
+_BLAS_LOCK = threading.Lock()
+_BLAS_DEPTH = 0
+_BLAS_LIMITER: Any = None
+_BLAS_CONTROLLER: Any = None
 
 
 def njit(**options: Any) -> Callable[[_F], _F]:
@@ -110,3 +133,51 @@ def run_chunks(fn: Callable[[int, int], _R], ranges: list[tuple[int, int]]) -> l
         return [fn(*ranges[0])]
     futures = [_pool().submit(fn, lo, hi) for lo, hi in ranges]
     return [f.result() for f in futures]
+
+
+def _blas_controller() -> Any:
+    """threadpoolctl's controller of the BLAS libraries loaded now (None without threadpoolctl)."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _BLAS_CONTROLLER = False
+        else:
+            _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER or None
+
+
+@contextmanager
+def single_threaded_blas(enabled: bool = True) -> Iterator[None]:
+    """Run the block with every loaded BLAS library on one thread.
+
+    Process-wide where the BLAS library's count is (other threads' BLAS calls
+    during the block run on one thread too). Nested and concurrent blocks are
+    counted, and the original limits come back when the last one leaves. A
+    no-op when ``enabled`` is false or threadpoolctl is missing. Cost: about
+    20 us to enter and leave.
+
+    Measured limit: with OpenBLAS 0.3.30 (pthreads) a limit of one thread set
+    from a thread other than the main one is not applied to that thread's
+    calls, so the gain is for sketches updated from the main thread.
+    """
+    global _BLAS_DEPTH, _BLAS_LIMITER
+    if not enabled:
+        yield
+        return
+    with _BLAS_LOCK:
+        if _BLAS_DEPTH == 0:
+            controller = _blas_controller()
+            _BLAS_LIMITER = (
+                None if controller is None else controller.limit(limits=1, user_api="blas")
+            )
+        _BLAS_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_DEPTH -= 1
+            if _BLAS_DEPTH == 0 and _BLAS_LIMITER is not None:
+                _BLAS_LIMITER.restore_original_limits()
+                _BLAS_LIMITER = None
