@@ -13,7 +13,7 @@ the plots. The README's benchmark table quotes these files.
     python benchmarks/run_all.py --only linear nla
     python benchmarks/run_all.py --collect        # no runs: one report of the latest results
 
-The full run takes about an hour on two CPU cores; ``--quick`` a few
+The full run takes more than an hour on two CPU cores; ``--quick`` a few
 minutes. Also available as ``streamsketch bench``. Benchmarks that need
 something missing (the demo model, torch, dask, sklearn) are reported as
 skipped, not failed.
@@ -83,6 +83,14 @@ BENCHES = [
         needs=("torch",),
     ),
     Bench(
+        "hyper_tradeoff",
+        "bench_hyper_tradeoff.py",
+        ("--quick",),
+        "dir",
+        ("hyper_tradeoff.md",),
+        needs=("torch",),
+    ),
+    Bench(
         "kv_decode",
         "bench_kv_decode.py",
         ("--contexts", "1024", "--steps", "4", "--rounds", "1"),
@@ -97,6 +105,22 @@ BENCHES = [
             "kv_eval.md",
             "kv_eval.png",
         ),
+    ),
+    Bench(
+        "kv_foresight",
+        "bench_kv_foresight.py",
+        ("--tokens", "400", "--prefill", "200", "--totals", "64"),
+        "file",
+        ("kv_foresight.md",),
+        needs=("torch", "transformers", "model"),
+    ),
+    Bench(
+        "kv_mass_bounds",
+        "bench_kv_mass_bounds.py",
+        ("--tokens", "400", "--prefill", "300", "--total", "64", "--windows", "30"),
+        "file",
+        ("kv_mass_bounds.md",),
+        needs=("torch", "transformers", "model"),
     ),
     Bench("merge", "bench_merge.py", ("--quick",), "file", ("merge.md",), needs=("torch",)),
 ]
@@ -115,8 +139,8 @@ def produced(bench: Bench, quick: bool) -> tuple[str, ...]:
     """Files a run writes; quick runs of the dir-style scripts add their own suffix."""
     if quick and bench.name == "attention":
         return ("attention_speed_quick.md", "attention_speed_quick.png")
-    if quick and bench.name == "attention_accuracy":
-        return ("attention_accuracy_quick.md",)
+    if quick and bench.name in ("attention_accuracy", "hyper_tradeoff"):
+        return (f"{bench.files[0][:-3]}_quick.md",)
     return bench.files + (() if quick else bench.extras)
 
 

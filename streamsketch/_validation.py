@@ -161,6 +161,13 @@ def as_float_vector(
     return arr
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """Return ``value`` as a Python bool, refusing anything but ``bool`` and ``numpy.bool_``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_int(
     value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None
 ) -> int:

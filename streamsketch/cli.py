@@ -295,6 +295,13 @@ _METHODS = {
 }
 
 
+# Mass-only reference rows (they read future queries), at the default split.
+_REFERENCES = {
+    "oracle": "oracle (per-query best keys, upper bound)",
+    "foresight": "foresight eviction (evicts knowing all future queries; reference)",
+}
+
+
 def _split(total: int, how: str) -> tuple[int, int, int]:
     from .kv.cache import DEFAULT_SINKS, split_total
 
@@ -311,7 +318,7 @@ def _eval(args: argparse.Namespace) -> int:
     from transformers import DynamicCache
 
     from .kv import KeySelector, SketchCache, enable
-    from .kv.evaluate import attention_mass_kept, oracle_mass_kept
+    from .kv.evaluate import attention_mass_kept, foresight_mass_kept, oracle_mass_kept
     from .kv.model import perplexity, record_attention_inputs
 
     methods = args.scorers or list(_METHODS)
@@ -331,14 +338,13 @@ def _eval(args: argparse.Namespace) -> int:
     queries, keys, values, scale = record_attention_inputs(model, ids)
     h_kv, d = keys[0].shape[1], keys[0].shape[3]
 
-    def mass(total: int, scorer: str | None, how: str) -> float:
+    def mass(total: int, scorer: str, how: str) -> float:
         s, b, w = _split(total, how)
         vals = []
         for q, k, v in zip(queries, keys, values, strict=True):
-            if scorer is None:
-                m = oracle_mass_kept(
-                    q, k, budget=b, sinks=s, window=w, prefill=prefill, scale=scale
-                )
+            if scorer in _REFERENCES:
+                bound = oracle_mass_kept if scorer == "oracle" else foresight_mass_kept
+                m = bound(q, k, budget=b, sinks=s, window=w, prefill=prefill, scale=scale)
             else:
                 m = attention_mass_kept(
                     q,
@@ -366,18 +372,18 @@ def _eval(args: argparse.Namespace) -> int:
                 "ms_per_token": 1000 * sec / (n - prefill - 1),
             }
         )
-    jobs = [(t, m) for t in args.totals for m in ["oracle", *methods]]
+    jobs = [(t, m) for t in args.totals for m in [*_REFERENCES, *methods]]
     with _bar(len(jobs), "eval", quiet, unit="run") as bar:
         for total, method in jobs:
-            if method == "oracle":
+            if method in _REFERENCES:
                 s, b, w = _split(total, "default")
                 results.append(
                     {
-                        "method": "oracle (per-query best keys, upper bound)",
+                        "method": _REFERENCES[method],
                         "total": total,
                         "split": [s, b, w],
                         "perplexity": None,
-                        "mass_kept": mass(total, None, "default"),
+                        "mass_kept": mass(total, method, "default"),
                         "ms_per_token": None,
                     }
                 )

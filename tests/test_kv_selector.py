@@ -10,11 +10,16 @@ torch = pytest.importorskip("torch")
 from streamsketch.kv import (  # noqa: E402
     SCORERS,
     KeySelector,
+    KNormScorer,
     LeverageScorer,
     QueryGaussianScorer,
     QueryMeanScorer,
 )
-from streamsketch.kv.evaluate import attention_mass_kept, oracle_mass_kept  # noqa: E402
+from streamsketch.kv.evaluate import (  # noqa: E402
+    attention_mass_kept,
+    foresight_mass_kept,
+    oracle_mass_kept,
+)
 
 QUERY_SCORERS = [name for name, cls in SCORERS.items() if cls.needs_queries]
 
@@ -166,6 +171,28 @@ class KNormLike(QueryMeanScorer.__mro__[-2]):  # the Scorer base
         super().__init__(2, 8)
 
 
+def test_value_weighting_ranks_by_value_size_or_distance_from_the_mean():
+    """Equal keys: the value term alone ranks them, uncentred by ||v||, centred by ||v - v_bar||."""
+    keys = torch.ones(1, 1, 3, 2)
+    values = torch.tensor([[[[10.0, 0.0], [10.5, 0.0], [0.0, 0.0]]]])
+    pos = torch.arange(3).view(1, 1, 3)
+    plain = KNormScorer(1, 2, value_weighted=True)
+    centred = KNormScorer(1, 2, value_weighted=True, value_centred=True)
+    off = KNormScorer(1, 2)
+    for sc in (plain, centred, off):
+        sc.observe_keys(keys)
+    assert plain.score(keys, pos, values=values).argsort(-1).tolist() == [[[2, 0, 1]]]
+    # Mean value (6.83, 0): the zero value is farthest from it.
+    assert centred.score(keys, pos, values=values).argsort(-1).tolist() == [[[0, 1, 2]]]
+    s = off.score(keys, pos, values=values)
+    assert bool((s == s[..., :1]).all())  # no value term: all equal
+    with pytest.raises(TypeError, match="value_centred"):
+        KNormScorer(1, 2, value_centred=1)
+    # It reaches the scorer through SketchCache-style keyword arguments.
+    sel = KeySelector(1, 2, 2, scorer="query", scorer_kwargs={"value_centred": True})
+    assert sel.scorer.value_centred and sel.scorer.value_weighted
+
+
 def test_merge_refuses_other_half_life():
     a, b = QueryMeanScorer(1, 4, half_life=8), QueryMeanScorer(1, 4, half_life=16)
     q = torch.randn(1, 1, 3, 4)
@@ -271,6 +298,67 @@ def test_mass_kept_measure_bounds():
         )
         grouped = m.reshape(1, 2, 2, 100).sum(2)
         assert bool((grouped <= oracle.reshape(1, 2, 2, 100).sum(2) + 1e-5).all())
+
+
+def _foresight_reference(q, k, *, budget, sinks, window, prefill, horizon):
+    """Plain-Python eviction with foresight for one KV head (B = 1, H_kv = 1)."""
+    n = q.shape[2]
+    w = torch.softmax(
+        (q[0] @ k[0, 0].T / math.sqrt(q.shape[-1])).masked_fill(
+            torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf
+        ),
+        dim=-1,
+    )  # (g, n, n)
+    col = w.sum(0)  # (n queries, n keys), summed over the group
+    kept, out = None, []
+    for t in range(prefill, n):
+        stop = n if horizon is None else min(n, t + horizon)
+        future = col[t:stop].sum(0)
+        hi = t + 1 - window
+        if kept is None:
+            older = list(range(sinks, hi))
+            kept = sorted(older, key=lambda j: -float(future[j]))[:budget]
+        else:
+            kept = sorted([*kept, hi - 1], key=lambda j: -float(future[j]))[:budget]
+        keep = [*range(sinks), *kept, *range(hi, t + 1)]
+        out.append(w[:, t, keep].sum(-1))
+    return torch.stack(out, dim=-1)[None]  # (1, g, n - prefill)
+
+
+@pytest.mark.parametrize("horizon", [None, 1, 7])
+def test_foresight_mass_matches_a_plain_eviction_loop(horizon):
+    q, k, _ = _stream(90, B=1, Hkv=1, g=2, d=8, seed=11)
+    k[..., 0] *= 3.0
+    got = foresight_mass_kept(
+        q, k, budget=6, sinks=2, window=5, prefill=30, horizon=horizon, chunk=16
+    )
+    ref = _foresight_reference(q, k, budget=6, sinks=2, window=5, prefill=30, horizon=horizon)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_foresight_mass_bounds():
+    """In [0, 1], 1 with room for everything, never above the per-query oracle."""
+    q, k, _ = _stream(160, B=2, Hkv=2, g=2, d=8, seed=4)
+    k[..., 0] *= 3.0
+    full = foresight_mass_kept(q, k, budget=200, sinks=4, window=8, prefill=60)
+    torch.testing.assert_close(full, torch.ones_like(full))
+    oracle = oracle_mass_kept(q, k, budget=12, sinks=4, window=8, prefill=60)
+    for horizon in (None, 1, 16):
+        m = foresight_mass_kept(q, k, budget=12, sinks=4, window=8, prefill=60, horizon=horizon)
+        assert m.shape == (2, 4, 100)
+        assert bool((m > 0).all()) and bool((m <= 1 + 1e-5).all())
+        grouped, best = m.reshape(2, 2, 2, 100).sum(2), oracle.reshape(2, 2, 2, 100).sum(2)
+        assert bool((grouped <= best + 1e-5).all())
+    # Knowing only the next query, the first decode step is the oracle's choice.
+    m1 = foresight_mass_kept(q, k, budget=12, sinks=4, window=8, prefill=60, horizon=1)
+    torch.testing.assert_close(m1[..., 0], oracle[..., 0])
+    for kwargs, match in (({"prefill": 0}, "prefill"), ({"horizon": 0}, "horizon")):
+        args = {"budget": 12, "sinks": 4, "window": 8, "prefill": 60, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            foresight_mass_kept(q, k, **args)
+    for prefill in (0, 160):
+        with pytest.raises(ValueError, match="prefill"):
+            oracle_mass_kept(q, k, budget=12, sinks=4, window=8, prefill=prefill)
 
 
 class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):

@@ -33,7 +33,6 @@ from ..linear._rowsketch import LinearRowSketch
 __all__ = [
     "SKETCHES",
     "RowSource",
-    "check_bool",
     "check_sketch",
     "make_sketch",
     "progress_bar",
@@ -67,12 +66,6 @@ def check_sketch(sketch: Any, name: str = "sketch") -> str:
     if sketch not in SKETCHES:
         raise ValueError(f"{name} must be one of {sorted(SKETCHES)}, got {sketch!r}")
     return sketch
-
-
-def check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
-    return bool(value)
 
 
 def make_sketch(kind: str, n_features: int, sketch_size: int, key: int) -> LinearRowSketch:

@@ -31,11 +31,10 @@ import scipy.linalg.blas
 import scipy.sparse
 
 from .._random import SeedLike, derive_key, key_generator, seed_to_key
-from .._validation import as_float_matrix, check_int
+from .._validation import as_float_matrix, check_bool, check_int
 from ..rows.frequent_directions import FrequentDirections
 from ._blocks import (
     RowSource,
-    check_bool,
     check_sketch,
     make_sketch,
     progress_bar,

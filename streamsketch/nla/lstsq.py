@@ -31,9 +31,9 @@ import scipy.linalg
 import scipy.sparse.linalg
 
 from .._random import SeedLike, seed_to_key
-from .._validation import as_float_matrix, as_float_vector, check_float, check_int
+from .._validation import as_float_matrix, as_float_vector, check_bool, check_float, check_int
 from ..rows.leverage import _check_factor, _rank_tol
-from ._blocks import RowSource, check_bool, check_sketch, sketch_columns
+from ._blocks import RowSource, check_sketch, sketch_columns
 
 __all__ = ["LstsqInfo", "lstsq"]
 

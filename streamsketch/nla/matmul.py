@@ -17,10 +17,9 @@ import numpy as np
 import scipy.sparse
 
 from .._random import SeedLike, seed_to_key
-from .._validation import as_float_matrix, check_finite, check_float, check_int
+from .._validation import as_float_matrix, check_bool, check_finite, check_float, check_int
 from ._blocks import (
     RowSource,
-    check_bool,
     check_sketch,
     make_sketch,
     progress_bar,
