@@ -360,6 +360,28 @@ def test_fuzz_fast(name):
     _run(name, strategy, FAST_EXAMPLES, derandomize=True, claims_huge=huge)
 
 
+EXTREME_ENTRIES = [np.nan, np.inf, -np.inf, 1e308, -1.6e308, 1e300, 3e38, -3e38, 1e-310, -1.0, 0.0]
+
+
+@pytest.mark.parametrize("index", range(len(CORPUS)))
+def test_extreme_entry_in_every_float_array(index):
+    # The random field edits once drew -1.6e308 into a FrequentDirections
+    # buffer and a 1e308 into OnlineRidgeLeverage's P: each overflowed with a
+    # warning instead of a clean refusal. Sweep such entries deterministically
+    # over every float array of the corpus, at its first, middle and last
+    # entry, so the next one fails every run and not one run in many.
+    name, fields = ser.loads(CORPUS[index])
+    arrays = {k: v for k, v in fields.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
+    for key, value in arrays.items():
+        for pos in sorted({0, value.size // 2, value.size - 1} if value.size else set()):
+            for entry in EXTREME_ENTRIES:
+                bad = value.astype(np.float64)
+                bad.flat[pos] = entry
+                with np.errstate(over="ignore"):  # 1e300 becomes inf in float32: fine
+                    edited = dict(fields, **{key: bad.astype(value.dtype)})
+                _check_blob(ser.dumps(name, edited), "extreme-entry")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_fuzz_slow(name):

@@ -175,6 +175,19 @@ def test_forged_frequent_directions_buffer_is_refused():
         load(dumps(name, fields))
 
 
+def test_frequent_directions_buffer_whose_square_overflows_is_refused():
+    # Found by the slow byte fuzzer: an entry near -1.6e308 squared to inf
+    # with a RuntimeWarning instead of a clean refusal.
+    from streamsketch import FrequentDirections
+
+    fd = FrequentDirections(4, 2).extend(np.arange(4.0).reshape(1, 4))
+    name, fields = loads(fd.to_bytes())
+    fields["array.buffer"] = fields["array.buffer"].copy()
+    fields["array.buffer"][0, 0] = -1.6e308
+    with pytest.raises(ValueError, match="exceed the stream's norm"):
+        load(dumps(name, fields))
+
+
 def test_reductions_do_not_depend_on_thread_count(monkeypatch, rng):
     from streamsketch import UniversalSet
 

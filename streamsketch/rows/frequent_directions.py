@@ -160,7 +160,10 @@ class FrequentDirections(Sketch):
         # Every shrink removes at least sketch_size * delta of squared mass
         # from what the buffer holds, so l * Delta + ||B||_F^2 <= ||A||_F^2.
         frob_sq = float(self._stats[1])
-        held = float(np.sum(self._buf[: self._n_filled].astype(np.float64) ** 2))
+        # A corrupt entry near the float64 limit overflows its square; inf is
+        # then the right answer (it exceeds any finite norm), not a warning.
+        with np.errstate(over="ignore"):
+            held = float(np.sum(self._buf[: self._n_filled].astype(np.float64) ** 2))
         slack = 1e-6 * frob_sq + 1e-300
         if held + self.sketch_size * float(self._stats[0]) > frob_sq + slack:
             raise ValueError(
