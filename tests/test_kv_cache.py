@@ -85,6 +85,34 @@ def test_physical_cache_bounded_over_long_stream(config):
     assert len(nbytes) == 1
 
 
+@pytest.mark.parametrize("scorer", ["leverage+query", "knorm"])
+def test_batch_of_different_prompts_decodes_each_as_alone(config, scorer):
+    """Two different prompts in one batch: each row's logits equal decoding that prompt alone.
+
+    The selection is per (batch, KV head), so a small cache that evicts must
+    keep for each row what it keeps when that row is decoded by itself. Each
+    prompt holds distinct tokens: RoPE keeps a key's norm, so a repeated token
+    ties with itself under ``knorm`` and batched rounding may break the tie
+    the other way.
+    """
+    model = enable(_model(config))
+    vocab = config.vocab_size
+    ids = torch.stack(
+        [torch.randperm(vocab, generator=torch.Generator().manual_seed(s))[:90] for s in (4, 5)]
+    )
+    both = _decode(model, ids, 40, SketchCache(budget=12, sinks=2, window=6, scorer=scorer))
+    for row in range(2):
+        alone = _decode(
+            model, ids[row : row + 1], 40, SketchCache(budget=12, sinks=2, window=6, scorer=scorer)
+        )
+        torch.testing.assert_close(both[row : row + 1], alone, rtol=1e-4, atol=1e-4)
+    # And with room for every key, the batch equals the full cache.
+    with torch.no_grad():
+        full = model(ids).logits
+    roomy = _decode(model, ids, 40, SketchCache(budget=500, sinks=2, window=6, scorer=scorer))
+    torch.testing.assert_close(roomy, full, rtol=1e-4, atol=1e-4)
+
+
 def test_query_scorer_without_hook_fails_clearly(config):
     model = _model(config)
     ids = _ids(40)
