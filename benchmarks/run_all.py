@@ -58,6 +58,13 @@ BENCHES = [
     Bench("leverage", "bench_leverage.py", ("--quick",), "file", ("leverage.md",)),
     Bench("universal", "bench_universal.py", ("--quick",), "file", ("universal.md",)),
     Bench(
+        "online_leverage",
+        "bench_online_leverage.py",
+        ("--quick", "--load", "0"),
+        "file",
+        ("online_leverage.md",),
+    ),
+    Bench(
         "nla",
         "bench_nla.py",
         ("--quick",),

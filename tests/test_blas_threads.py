@@ -9,7 +9,7 @@ threadpoolctl = pytest.importorskip("threadpoolctl")
 
 import streamsketch._parallel as P  # noqa: E402
 from streamsketch._parallel import single_threaded_blas  # noqa: E402
-from streamsketch.rows import FrequentDirections  # noqa: E402
+from streamsketch.rows import FrequentDirections, OnlineRidgeLeverage  # noqa: E402
 
 
 def _blas_threads() -> set[int]:
@@ -92,8 +92,43 @@ def test_results_do_not_depend_on_the_blas_thread_switch(two_blas_threads, monke
 
     X = np.random.default_rng(1).standard_normal((500, 48))
     with_switch = FrequentDirections(48, 12).extend(X)
-    monkeypatch.setattr(fd_module, "_SINGLE_THREAD_WORK", 0)
+    monkeypatch.setattr(fd_module, "SINGLE_THREAD_BLAS_WORK", 0)
     with threadpoolctl.threadpool_limits(1, user_api="blas"):
         without_switch = FrequentDirections(48, 12).extend(X)
     np.testing.assert_array_equal(with_switch._buf, without_switch._buf)
     assert with_switch._stats[0] == without_switch._stats[0]  # the shrinkage total
+
+
+def test_online_ridge_leverage_blocks_run_on_one_thread_up_to_width_256(
+    two_blas_threads, monkeypatch
+):
+    seen = []
+    block = OnlineRidgeLeverage._block
+
+    def spy(self, *args):
+        seen.append(_blas_threads())
+        return block(self, *args)
+
+    monkeypatch.setattr(OnlineRidgeLeverage, "_block", spy)
+    rng = np.random.default_rng(0)
+    for d, threads in ((8, 1), (256, 1), (512, 2)):
+        seen.clear()
+        ol = OnlineRidgeLeverage(d, 1.0)
+        ol.extend(rng.standard_normal((300, d)))
+        assert seen and all(s == {threads} for s in seen), d
+        assert _blas_threads() == {2}
+        # One row at a time skips the ~20 us switch: its products are vectors.
+        seen.clear()
+        ol.update(rng.standard_normal(d))
+        assert seen == [{2}]
+
+
+def test_online_ridge_leverage_scores_do_not_depend_on_the_switch(two_blas_threads, monkeypatch):
+    import streamsketch.rows.online as online_module
+
+    X = np.random.default_rng(2).standard_normal((700, 40))
+    with_switch = OnlineRidgeLeverage(40, 0.5).extend(X)
+    monkeypatch.setattr(online_module, "SINGLE_THREAD_BLAS_WORK", 0)
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        without_switch = OnlineRidgeLeverage(40, 0.5).extend(X)
+    np.testing.assert_array_equal(with_switch, without_switch)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from .._parallel import single_threaded_blas
+from .._parallel import SINGLE_THREAD_BLAS_WORK, single_threaded_blas
 from .._validation import as_float_matrix, check_dtype_arg, check_float, check_int
 from ..base import Sketch
 
@@ -35,9 +35,6 @@ __all__ = ["FrequentDirections"]
 # Rows of X handled per block in ridge_leverage: bounds its workspace to
 # O(block * d) whatever the number of query rows.
 _SCORE_BLOCK = 4096
-# Shrink cost (buffer rows x columns x the smaller of the two) below which the
-# shrinks run on one BLAS thread: buffers below 128 x 1024 or 256 x 256.
-_SINGLE_THREAD_WORK = 2**24
 
 
 def _svd(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -218,7 +215,9 @@ class FrequentDirections(Sketch):
         # Small shrinks (a Gram matrix of a few hundred rows and columns) run
         # faster on one BLAS thread, and far faster when other jobs load the
         # machine; only calls that shrink at all pay the ~20 us switch.
-        small = cap * d * min(cap, d) < _SINGLE_THREAD_WORK
+        # Shrink cost: buffer rows x columns x the smaller of the two, so
+        # buffers below 128 x 1024 or 256 x 256 shrink on one thread.
+        small = cap * d * min(cap, d) < SINGLE_THREAD_BLAS_WORK
         with single_threaded_blas(enabled=small and self._n_filled + k >= cap):
             while pos < k:
                 take = min(cap - self._n_filled, k - pos)

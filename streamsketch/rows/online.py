@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.linalg
 
+from .._parallel import SINGLE_THREAD_BLAS_WORK, single_threaded_blas
 from .._validation import (
     as_float_matrix,
     as_float_vector,
@@ -32,15 +33,20 @@ from ..base import Sketch
 __all__ = ["OnlineRidgeLeverage"]
 
 
-def _block_size(d: int) -> int:
-    # Per row, a block of b rows costs ~2 d^2 (the d x d products) + 2 b d
-    # (the b x b Gram and the triangular solve) + b^2 / 3 (Cholesky) flops,
-    # plus a fixed Python/LAPACK overhead per block: b ~ 2d balances the terms.
-    # The block also stays at or below 2^18 multiply-adds per product where it
-    # can: smaller products run single-threaded in OpenBLAS, which on a busy
-    # machine is up to 100x faster than waiting for a descheduled BLAS thread
-    # (measured: d = 64, b = 128 on 2 loaded cores, 1.8k vs 240k rows/s).
-    return int(min(max(32, min(256, 2 * d)), max(8, 2**18 // (d * d))))
+def _block_plan(d: int) -> tuple[int, bool]:
+    """Rows per block for width ``d``, and whether blocks run on one BLAS thread.
+
+    Per row, a block of b rows costs ~3 d^2 (the d x d products) + 2 b d (the
+    b x b Gram and C^{-1} X P) + b^2 / 3 (Cholesky) flops, plus a fixed
+    Python/LAPACK overhead per block. Below SINGLE_THREAD_BLAS_WORK per
+    product (d <= 256 here) the blocks run on one BLAS thread: threaded BLAS
+    on small products spin-waits against other jobs (measured at d = 256 on two
+    loaded cores: 730 rows/s threaded with 8-row blocks, 38 600 single-threaded
+    with 64-row blocks); single-threaded, b ~ d / 2 was fastest (b in 8..256
+    measured at d = 64, 256, 512).
+    """
+    b = min(256, max(64, d // 2))
+    return b, b * d * d < SINGLE_THREAD_BLAS_WORK
 
 
 class _NotPositiveDefinite(Exception):
@@ -285,29 +291,30 @@ class OnlineRidgeLeverage(Sketch):
         # Work on copies of the small state so a failure half-way through a
         # long block leaves the sketch as it was.
         M, P, since = self._M, self._P, self._since_refactor
-        step = _block_size(self.n_features)
+        step, single = _block_plan(self.n_features)
         lo = 0
-        while lo < k:
-            # Blocks end at refactorisation points, so where refactoring
-            # happens depends only on n_seen, not on how the stream is chunked.
-            hi = min(k, lo + step, lo + self.refactor_every - since)
-            try:
-                M, P = self._block(X[lo:hi], M, P, out[lo:hi])
-            except _NotPositiveDefinite:
-                # Rounding in the Woodbury-updated inverse can make I + X P X^T
-                # indefinite on ill-conditioned streams: retry from the exact M.
+        with single_threaded_blas(enabled=single and k > 1):
+            while lo < k:
+                # Blocks end at refactorisation points, so where refactoring
+                # happens depends only on n_seen, not on how the stream is chunked.
+                hi = min(k, lo + step, lo + self.refactor_every - since)
                 try:
-                    M, P = self._block(X[lo:hi], M, self._inverse(M), out[lo:hi])
+                    M, P = self._block(X[lo:hi], M, P, out[lo:hi])
                 except _NotPositiveDefinite:
-                    raise ValueError(
-                        f"X: the stream is too ill-conditioned for ridge={self.ridge:g} "
-                        "(I + X M^-1 X^T is not positive definite in float64); raise ridge"
-                    ) from None
-            since += hi - lo
-            if since >= self.refactor_every:
-                P = self._inverse(M)
-                since = 0
-            lo = hi
+                    # Rounding in the Woodbury-updated inverse can make I + X P X^T
+                    # indefinite on ill-conditioned streams: retry from the exact M.
+                    try:
+                        M, P = self._block(X[lo:hi], M, self._inverse(M), out[lo:hi])
+                    except _NotPositiveDefinite:
+                        raise ValueError(
+                            f"X: the stream is too ill-conditioned for ridge={self.ridge:g} "
+                            "(I + X M^-1 X^T is not positive definite in float64); raise ridge"
+                        ) from None
+                since += hi - lo
+                if since >= self.refactor_every:
+                    P = self._inverse(M)
+                    since = 0
+                lo = hi
         self._M, self._P, self._since_refactor = M, P, since
         self._n_seen += k
         return out
