@@ -176,8 +176,8 @@ def test_value_weighting_ranks_by_value_size_or_distance_from_the_mean():
     keys = torch.ones(1, 1, 3, 2)
     values = torch.tensor([[[[10.0, 0.0], [10.5, 0.0], [0.0, 0.0]]]])
     pos = torch.arange(3).view(1, 1, 3)
-    plain = KNormScorer(1, 2, value_weighted=True)
-    centred = KNormScorer(1, 2, value_weighted=True, value_centred=True)
+    plain = KNormScorer(1, 2, value_weighted=True, value_centred=False)
+    centred = KNormScorer(1, 2, value_weighted=True)  # centred by default
     off = KNormScorer(1, 2)
     for sc in (plain, centred, off):
         sc.observe_keys(keys)
@@ -189,8 +189,9 @@ def test_value_weighting_ranks_by_value_size_or_distance_from_the_mean():
     with pytest.raises(TypeError, match="value_centred"):
         KNormScorer(1, 2, value_centred=1)
     # It reaches the scorer through SketchCache-style keyword arguments.
-    sel = KeySelector(1, 2, 2, scorer="query", scorer_kwargs={"value_centred": True})
-    assert sel.scorer.value_centred and sel.scorer.value_weighted
+    sel = KeySelector(1, 2, 2, scorer="query", scorer_kwargs={"value_centred": False})
+    assert not sel.scorer.value_centred and sel.scorer.value_weighted
+    assert KeySelector(1, 2, 2, scorer="query").scorer.value_centred
 
 
 def test_merge_refuses_other_half_life():

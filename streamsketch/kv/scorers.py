@@ -58,16 +58,15 @@ class Scorer:
         (measured: 1 536-token texts, total 256, perplexity +11.9% vs +12.8%
         and +9.3% vs +9.9% on two texts, +6.3% vs +5.9% on a third), off
         for the others.
-    value_centred : bool, default False
-        With ``value_weighted``, use ``log ||v - v_bar||`` instead, ``v_bar``
-        the mean value of the candidates being scored. Dropping key ``j``
-        moves the output ``o`` by about ``w_j (v_j - o)``, and ``v_bar`` is a
-        better stand-in for ``o`` than the origin. Measured with
-        ``leverage+query`` at total 256 on the four texts of ``docs/kv.md``:
-        +4.60% / +8.44% / +9.37% against +5.00% / +8.63% / +9.57% uncentred
-        on the 1 536-token texts, +22.0% against +22.5% on the 3 072-token
-        one. Not the default yet: the full evaluation (every total) has not
-        been re-run with it.
+    value_centred : bool, default True
+        With ``value_weighted``, use ``log ||v - v_bar||``, ``v_bar`` the
+        mean value of the candidates being scored, instead of ``log ||v||``.
+        Dropping key ``j`` moves the output ``o`` by about ``w_j (v_j - o)``,
+        and ``v_bar`` is a better stand-in for ``o`` than the origin.
+        Measured with ``leverage+query`` at total 256 on the four texts of
+        ``docs/kv.md``: +4.60% / +8.44% / +9.37% against +5.00% / +8.63% /
+        +9.57% uncentred on the 1 536-token texts, +22.0% against +22.5% on
+        the 3 072-token one (``streamsketch eval`` for every total).
 
     Notes
     -----
@@ -105,7 +104,7 @@ class Scorer:
         scale: float | None = None,
         device: torch.device | str | None = None,
         value_weighted: bool | None = None,
-        value_centred: bool = False,
+        value_centred: bool = True,
     ) -> None:
         num_kv_heads = check_int(num_kv_heads, "num_kv_heads", minimum=1)
         head_dim = check_int(head_dim, "head_dim", minimum=1)
