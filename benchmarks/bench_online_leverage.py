@@ -4,7 +4,7 @@ Peer: the textbook online ridge leverage in numpy, one row at a time:
 ``u = x^T P x``, score ``u / (1 + u)``, then ``P -= (P x)(P x)^T / (1 + u)``
 (``P = (K^T K + ridge I)^{-1}`` of the rows so far). Ours:
 ``OnlineRidgeLeverage(d, ridge).extend(X)`` (blocks of rows, a few BLAS-3
-calls each, on one BLAS thread up to ``d = 256``), and the same blocks with
+calls each, on one BLAS thread up to ``d = 322``), and the same blocks with
 the one-thread switch turned off (``threaded BLAS``), which shows what the
 switch is for. Rows/s is the best of ``--repeats`` interleaved runs.
 
@@ -129,7 +129,7 @@ def main() -> None:
         f"`python {' '.join(sys.argv)}`.",
         "",
         "Peer: numpy, one rank-one update per row. Ours: `OnlineRidgeLeverage.extend`, blocks "
-        "of rows on one BLAS thread up to d = 256; 'threaded BLAS': the same blocks with the "
+        "of rows on one BLAS thread up to d = 322; 'threaded BLAS': the same blocks with the "
         "one-thread switch off. Spinning processes stand in for other jobs on the machine.",
         "",
         *header,

@@ -10,9 +10,10 @@ drive different sketches at once.
 
 :func:`single_threaded_blas` runs a block with the BLAS libraries on one
 thread, for loops of many small dense operations (Frequent Directions'
-shrinks), where BLAS threads cost more than they give and, on a machine with
-other jobs, spin-wait against them: measured 25 s against 0.8 s for 100 000
-rows of width 64 with two threads under a load of two.
+shrinks, OnlineRidgeLeverage's blocks), where BLAS threads cost more than
+they give and, on a machine with other jobs, spin-wait against them:
+measured 25 s against 0.8 s for 100 000 rows of width 64 with two threads
+under a load of two.
 
 The kernels are compiled through :func:`njit`, which is ``numba.njit`` typed
 for mypy (numba ships no type information).
@@ -56,7 +57,7 @@ _BLAS_CONTROLLER: Any = None
 
 #: Multiply-adds per dense product below which a loop of such products runs
 #: faster on one BLAS thread, measured on two cores for Frequent Directions'
-#: shrinks and OnlineRidgeLeverage's blocks (d <= 256).
+#: shrinks and OnlineRidgeLeverage's blocks (d <= 322 there).
 SINGLE_THREAD_BLAS_WORK = 2**24
 
 

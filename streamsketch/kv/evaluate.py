@@ -243,13 +243,16 @@ def foresight_mass_kept(
 
     # Attention each key receives from decode query t, summed over the group:
     # future(t) = sum over t' in [t, t + horizon) of it, from running totals.
+    # With a horizon the per-query rows are kept to slide the window; without
+    # one only their running total is needed.
     per_query: list[torch.Tensor] = []
     total = torch.zeros(B, Hkv, n)
     for c0 in range(prefill, n, chunk):
         r = rows_of(c0, min(c0 + chunk, n)).sum(2)  # (B, Hkv, c, n)
-        if horizon is not None:
+        if horizon is None:
+            total += r.sum(2)
+        else:
             per_query.extend(r.unbind(2))
-        total += r.sum(2)
     ahead = total if horizon is None else torch.stack(per_query[:horizon], 0).sum(0)
 
     out = torch.empty(B, Hq, T)

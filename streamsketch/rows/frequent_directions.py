@@ -212,11 +212,10 @@ class FrequentDirections(Sketch):
         """Append ``rows`` to the buffer, shrinking each time it fills up."""
         cap, d = self._buf.shape
         pos, k = 0, rows.shape[0]
-        # Small shrinks (a Gram matrix of a few hundred rows and columns) run
-        # faster on one BLAS thread, and far faster when other jobs load the
-        # machine; only calls that shrink at all pay the ~20 us switch.
-        # Shrink cost: buffer rows x columns x the smaller of the two, so
-        # buffers below 128 x 1024 or 256 x 256 shrink on one thread.
+        # Small shrinks run faster on one BLAS thread, and far faster when other
+        # jobs load the machine; only calls that shrink at all pay the ~20 us
+        # switch. A shrink costs buffer rows x columns x the smaller of the two,
+        # so buffers below 128 x 1024 or 256 x 256 shrink on one thread.
         small = cap * d * min(cap, d) < SINGLE_THREAD_BLAS_WORK
         with single_threaded_blas(enabled=small and self._n_filled + k >= cap):
             while pos < k:

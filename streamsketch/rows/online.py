@@ -39,7 +39,7 @@ def _block_plan(d: int) -> tuple[int, bool]:
     Per row, a block of b rows costs ~3 d^2 (the d x d products) + 2 b d (the
     b x b Gram and C^{-1} X P) + b^2 / 3 (Cholesky) flops, plus a fixed
     Python/LAPACK overhead per block. Below SINGLE_THREAD_BLAS_WORK per
-    product (d <= 256 here) the blocks run on one BLAS thread: threaded BLAS
+    product (d <= 322 here) the blocks run on one BLAS thread: threaded BLAS
     on small products spin-waits against other jobs (measured at d = 256 on two
     loaded cores: 730 rows/s threaded with 8-row blocks, 38 600 single-threaded
     with 64-row blocks); single-threaded, b ~ d / 2 was fastest (b in 8..256
