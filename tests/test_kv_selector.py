@@ -1,5 +1,6 @@
 """KeySelector and scorers: layout, capacity, exact scorer states, merges, errors."""
 
+import itertools
 import math
 
 import numpy as np
@@ -375,11 +376,14 @@ class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("observation_window", [0, 4])
 @pytest.mark.parametrize("scorer", sorted(SCORERS))
-def test_decode_steps_never_read_device_scalars(scorer):
+def test_decode_steps_never_read_device_scalars(scorer, observation_window):
     """No host synchronisation per step: no op pulls a tensor value to Python."""
     q, k, v = _stream(120, B=2, Hkv=2, g=3, d=8, seed=9)
-    sel = KeySelector(2, 8, 12, sinks=2, window=6, scorer=scorer)
+    sel = KeySelector(
+        2, 8, 12, sinks=2, window=6, scorer=scorer, observation_window=observation_window
+    )
     h2o = scorer == "h2o"
     _feed(sel, q[:, :, :60], k[:, :, :60], v[:, :, :60], h2o)
     mode = _ScalarReads()
@@ -388,3 +392,90 @@ def test_decode_steps_never_read_device_scalars(scorer):
             _feed(sel, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], h2o)
     assert mode.reads == []
     assert len(sel) == 20
+
+
+def _reference_observation_keep(q, k, w, n_sinks, budget, window, pool):
+    """Brute force: indices a prompt chunk keeps when ranked by its last ``w`` queries."""
+    B, Hq, n, d = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    kk = k.repeat_interleave(g, dim=1)
+    logits = q[:, :, -w:] @ kk.transpose(-1, -2) / math.sqrt(d)  # (B, Hq, w, n)
+    qpos = torch.arange(n - w, n)[:, None]
+    logits = logits.masked_fill(torch.arange(n)[None, :] > qpos, -math.inf)
+    att = torch.softmax(logits, -1).sum(2).reshape(B, Hkv, g, n).sum(2)
+    if pool > 1:
+        att = att + torch.nn.functional.max_pool1d(
+            att.reshape(B * Hkv, 1, n), pool, stride=1, padding=pool // 2
+        ).reshape(B, Hkv, n)
+    cand = att[:, :, n_sinks : n - window]
+    top = torch.topk(cand, budget, dim=-1).indices + n_sinks
+    return torch.sort(top, dim=-1).values
+
+
+@pytest.mark.parametrize("pool", [1, 5])
+def test_observation_window_keeps_what_the_last_queries_attend(pool):
+    """A prompt chunk is ranked by its last queries' exact attention (knorm's value-free score)."""
+    q, k, v = _stream(90, B=2, Hkv=2, g=3, d=8, seed=3)
+    sinks, budget, window, w = 2, 10, 6, 4
+    sel = KeySelector(
+        2, 8, budget, sinks=sinks, window=window, scorer="knorm",
+        observation_window=w, pool_kernel=pool,
+    )  # fmt: skip
+    _, _, pos = sel.update(k, v, queries=q)
+    want = _reference_observation_keep(q, k, w, sinks, budget, window, pool)
+    assert torch.equal(pos[:, :, sinks : sinks + budget], want)
+
+
+def test_decode_steps_keep_a_key_the_recent_queries_read():
+    """One-token steps rank by the scorer *and* the recent queries: either one keeps a key."""
+    d, w = 8, 4
+    q, k, v = _stream(60, B=1, Hkv=1, g=1, d=d, seed=7)
+    # Key 20 has the largest norm (knorm evicts it first) and lies along every query.
+    direction = torch.randn(d, generator=torch.Generator().manual_seed(8))
+    k[0, 0, 20] = 6.0 * direction
+    q[0, 0] = q[0, 0] * 0.1 + direction
+    kept = {}
+    for window_size in (0, w):
+        sel = KeySelector(
+            1, d, 6, sinks=1, window=3, scorer="knorm", observation_window=window_size
+        )
+        for t in range(60):
+            sel.update(k[:, :, t : t + 1], v[:, :, t : t + 1], queries=q[:, :, t : t + 1])
+        kept[window_size] = sel.positions[0, 0].tolist()
+    assert 20 not in kept[0]
+    assert 20 in kept[w]
+
+
+def test_recent_queries_hold_the_last_queries_however_chunked():
+    q, k, v = _stream(40, seed=5)
+    w = 6
+    states = []
+    for cuts in ([0, 40], [0, 3, 4, 20, 21, 22, 40], [0, *range(1, 41)]):
+        sel = KeySelector(2, 8, 8, sinks=2, window=4, observation_window=w)
+        for a, b in itertools.pairwise(cuts):
+            sel.update(k[:, :, a:b], v[:, :, a:b], queries=q[:, :, a:b])
+        states.append(sel.recent_queries)
+    # Slot i holds the query at the latest position p < 40 with p % w == i.
+    want = q[:, :, [40 - 1 - (40 - 1 - i) % w for i in range(w)]]
+    for state in states:
+        torch.testing.assert_close(state, want)
+
+
+def test_observation_window_arguments():
+    for bad in (-1, 2.0, True):
+        with pytest.raises((ValueError, TypeError), match="observation_window"):
+            KeySelector(2, 8, 8, observation_window=bad)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="pool_kernel"):
+            KeySelector(2, 8, 8, pool_kernel=bad)
+
+
+def test_observation_window_evicts_non_finite_keys_first():
+    q, k, v = _stream(40, B=1, Hkv=2, g=2, d=8, seed=6)
+    k[0, 0, 10] = float("nan")
+    v[0, 1, 12] = float("inf")
+    sel = KeySelector(2, 8, 20, sinks=2, window=4, observation_window=8)
+    _, _, pos = sel.update(k, v, queries=q)
+    assert 10 not in pos[0, 0].tolist()
+    assert 12 not in pos[0, 1].tolist()

@@ -37,6 +37,8 @@ _PENDING = threading.local()
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW_FRACTION = 0.5
 DEFAULT_SCORER = "leverage+query"
+DEFAULT_OBSERVATION_WINDOW = 8
+DEFAULT_POOL_KERNEL = 15
 
 
 def split_total(total: int, sinks: int = DEFAULT_SINKS) -> tuple[int, int, int]:
@@ -73,6 +75,8 @@ class SketchCacheLayer(CacheLayerMixin):
         scorer: str,
         scorer_kwargs: dict[str, Any] | None = None,
         layer_idx: int | None = None,
+        observation_window: int = 0,
+        pool_kernel: int = DEFAULT_POOL_KERNEL,
     ) -> None:
         # CacheLayerMixin.__init__ is unannotated, and mypy's untyped_calls_exclude does
         # not reach calls through super() (python/mypy#16653).
@@ -81,6 +85,7 @@ class SketchCacheLayer(CacheLayerMixin):
         self.budget, self.sinks, self.window = budget, sinks, window
         self.scorer_name = scorer
         self.scorer_kwargs = dict(scorer_kwargs or {})
+        self.observation_window, self.pool_kernel = observation_window, pool_kernel
         self.selector: KeySelector | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -95,6 +100,8 @@ class SketchCacheLayer(CacheLayerMixin):
             device=key_states.device,
             dtype=key_states.dtype,
             scorer_kwargs=self.scorer_kwargs,
+            observation_window=self.observation_window,
+            pool_kernel=self.pool_kernel,
         )
         self.is_initialized = True
 
@@ -192,6 +199,13 @@ class SketchCache(Cache):
         (lowest perplexity of the library's scorers on every text measured, see
         ``docs/kv.md``).
         Query-aware scorers need :func:`streamsketch.kv.enable` on the model.
+    observation_window : int, optional
+        Recent queries whose exact attention ranks a prompt's keys and, at each
+        decoding step, keeps what they read beside the scorer's choice (see
+        :class:`~streamsketch.kv.KeySelector`); default 8, 0 turns it off (the
+        previous behaviour).
+    pool_kernel : int, default 15
+        Odd width of the pooling that keeps the span around an attended key.
     **scorer_kwargs
         Passed to the scorer's constructor (e.g. ``half_life``).
 
@@ -218,6 +232,8 @@ class SketchCache(Cache):
         sinks: int | None = None,
         window: int | None = None,
         scorer: str | None = None,
+        observation_window: int | None = None,
+        pool_kernel: int = DEFAULT_POOL_KERNEL,
         **scorer_kwargs: Any,
     ) -> None:
         if (total is None) == (budget is None):
@@ -237,17 +253,35 @@ class SketchCache(Cache):
         sinks = DEFAULT_SINKS if sinks is None else sinks
         window = 64 if window is None else window
         scorer = DEFAULT_SCORER if scorer is None else scorer
+        if observation_window is None:
+            observation_window = DEFAULT_OBSERVATION_WINDOW
         # Validate everything now, not at the first forward step.
         KeySelector(
-            1, 1, budget, sinks=sinks, window=window, scorer=scorer, scorer_kwargs=scorer_kwargs
+            1,
+            1,
+            budget,
+            sinks=sinks,
+            window=window,
+            scorer=scorer,
+            scorer_kwargs=scorer_kwargs,
+            observation_window=observation_window,
+            pool_kernel=pool_kernel,
         )
         self.budget, self.sinks, self.window, self.scorer = budget, sinks, window, scorer
+        self.observation_window, self.pool_kernel = observation_window, pool_kernel
         self.scorer_kwargs = scorer_kwargs
         super().__init__(layers=[])
 
     def _new_layer(self, layer_idx: int) -> SketchCacheLayer:
         return SketchCacheLayer(
-            self.budget, self.sinks, self.window, self.scorer, self.scorer_kwargs, layer_idx
+            self.budget,
+            self.sinks,
+            self.window,
+            self.scorer,
+            self.scorer_kwargs,
+            layer_idx,
+            observation_window=self.observation_window,
+            pool_kernel=self.pool_kernel,
         )
 
     def update(

@@ -32,6 +32,7 @@ __all__ = [
     "Scorer",
     "WindowScorer",
     "make_scorer",
+    "observation_attention",
 ]
 
 
@@ -167,7 +168,16 @@ class Scorer:
         self._check_keys(keys)
         if self.batch_size is None:
             self._ensure_state(keys.shape[0])
-        scores = self._score(keys.to(torch.float32), positions)
+        return self.finish_scores(self._score(keys.to(torch.float32), positions), keys, values)
+
+    def finish_scores(
+        self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Add the value term to raw log-scores ``(B, H_kv, m)``; non-finite candidates -> ``-inf``.
+
+        Shared by :meth:`score` and by the selector's observation-window scores,
+        so both rank candidates on the same footing.
+        """
         if self.value_weighted and values is not None:
             # Dropping key j moves the output o by about w_j (v_j - o): its effect
             # scales with its value's distance from o, taken as the origin or, with
@@ -580,6 +590,36 @@ def make_scorer(scorer: str | Scorer, **kwargs: Any) -> Scorer:
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
     return SCORERS[scorer](**kwargs)
+
+
+def observation_attention(
+    queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    keys: torch.Tensor,
+    key_positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal softmax attention of a few queries, summed per KV head: ``(B, H_kv, n)`` float32.
+
+    ``queries (B, H_q, w, d)`` at stream positions ``query_positions (w,)``
+    attend to ``keys (B, H_kv, n, d)`` at ``key_positions (B, H_kv, n)``;
+    each query's weights are normalised over the keys it can see and then
+    summed over the ``w`` queries and the KV head's query group (SnapKV's
+    observation window). A query whose position precedes every key (an empty
+    slot) contributes nothing; non-finite keys draw no weight. Cost O(w g n d)
+    per KV head and ``(B, H_q, w, n)`` floats transiently; the ``n x n``
+    attention matrix is never formed.
+    """
+    B, Hq, w, d = queries.shape
+    Hkv = keys.shape[1]
+    q = queries.to(torch.float32).reshape(B, Hkv, (Hq // Hkv) * w, d)
+    logits = scale * (q @ keys.to(torch.float32).transpose(-1, -2))  # (B, H_kv, g w, n)
+    qpos = query_positions.repeat(Hq // Hkv)  # (g w,)
+    future = key_positions[:, :, None, :] > qpos[None, None, :, None]
+    # A non-finite key draws no weight here (the caller evicts it anyway), and a query
+    # that sees no key at all (an empty slot of a ring buffer) gives none.
+    logits = logits.nan_to_num(nan=-math.inf, posinf=-math.inf).masked_fill(future, -math.inf)
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=2)
 
 
 def _finite_rows(t: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,33 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .._validation import check_int
-from .scorers import Scorer, check_head_tensor, make_scorer
+from .scorers import (
+    Scorer,
+    _finite_rows,
+    check_head_tensor,
+    make_scorer,
+    observation_attention,
+)
 
 __all__ = ["KeySelector"]
+
+
+def _rank_union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Scores ``(B, H, m)`` that keep a candidate while either ``a`` or ``b`` ranks it high.
+
+    Each score becomes its rank among the candidates (0 .. m-1); the result is
+    the better of the two ranks, ties broken by the sum, so the candidate that
+    both rank low is evicted first. Two scores on different scales combine
+    without a tuned weight.
+    """
+    ra = a.argsort(dim=-1).argsort(dim=-1).to(torch.float32)
+    rb = b.argsort(dim=-1).argsort(dim=-1).to(torch.float32)
+    m = a.shape[-1]
+    return torch.maximum(ra, rb) + (ra + rb) / (2 * m + 2)
+
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -56,6 +78,16 @@ class KeySelector:
         from the first chunk when None. Scorer state is float32 regardless.
     scorer_kwargs : dict, optional
         Extra arguments of a named scorer (e.g. ``{"half_life": 64}``).
+    observation_window : int, default 0
+        Keep the last ``w`` queries (a ring buffer, ``(B, H_q, w, d)``). A chunk
+        of more than one token (a prompt) is then ranked by the exact softmax
+        attention of its last ``w`` queries (SnapKV's observation window: the
+        question at the end of a prompt says which keys it needs); a one-token
+        step keeps a candidate while either the scorer or those recent queries
+        rank it high (:func:`_rank_union`). 0 turns it off.
+    pool_kernel : int, default 7
+        Odd width of the max-pooling of the observation-window attention over
+        neighbouring slots, so a kept key keeps the span around it.
 
     Notes
     -----
@@ -94,8 +126,14 @@ class KeySelector:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         scorer_kwargs: dict[str, Any] | None = None,
+        observation_window: int = 0,
+        pool_kernel: int = 7,
     ) -> None:
         self.budget = check_int(budget, "budget", minimum=0)
+        self.observation_window = check_int(observation_window, "observation_window", minimum=0)
+        self.pool_kernel = check_int(pool_kernel, "pool_kernel", minimum=1)
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd, got {self.pool_kernel}")
         self.sinks = check_int(sinks, "sinks", minimum=0)
         self.window = check_int(window, "window", minimum=0)
         if dtype is not None and dtype not in _FLOAT_DTYPES:
@@ -134,6 +172,11 @@ class KeySelector:
         self.slot_attention: torch.Tensor | None = None
         self.n_seen = 0
         self._pending = 0
+        # Ring buffer of the last `observation_window` queries (slot = position % w),
+        # allocated by the first queries; `_prompt_step` marks a compress after a chunk of
+        # more than one query (a prompt), which ranks by those queries alone.
+        self.recent_queries: torch.Tensor | None = None
+        self._prompt_step = False
         self.scorer.reset()
 
     @property
@@ -226,8 +269,25 @@ class KeySelector:
         return self.keys, self.values
 
     def observe_queries(self, queries: torch.Tensor) -> None:
-        """Feed queries ``(B, H_q, c, d)`` to a query-aware scorer (others ignore them)."""
+        """Feed queries ``(B, H_q, c, d)`` to a query-aware scorer (others ignore them).
+
+        With ``observation_window`` set, the last queries of a chunk of more
+        than one token (a prompt) are also held until the next
+        :meth:`compress`, which ranks that chunk's candidates by their exact
+        attention.
+        """
         self.scorer.observe_queries(queries)
+        w = self.observation_window
+        if not w:
+            return
+        B, Hq, c, d = queries.shape
+        if self.recent_queries is None:
+            self.recent_queries = torch.zeros(B, Hq, w, d, device=self.device)
+        k = min(c, w)
+        slots = torch.arange(self.n_seen - k, self.n_seen, device=self.device) % w
+        recent = _finite_rows(queries[:, :, -k:].detach().to(self.recent_queries))
+        self.recent_queries.index_copy_(2, slots, recent)
+        self._prompt_step = c > 1
 
     def observe_attention(self, weights: torch.Tensor) -> None:
         """Add attention weights ``(B, H_q, c, n)`` over the current physical keys (h2o only)."""
@@ -252,6 +312,7 @@ class KeySelector:
         n_cand = n_phys - n_sinks - n_window
         n_keep = min(self.budget, n_cand)
         self._pending = 0
+        prompt_step, self._prompt_step = self._prompt_step, False
         if n_keep == n_cand:
             return
         lo, hi = n_sinks, n_phys - n_window
@@ -262,10 +323,14 @@ class KeySelector:
             if self.scorer.needs_attention:
                 assert self.slot_attention is not None
                 scores = self.slot_attention[:, :, lo:hi]
+            elif self.recent_queries is not None and prompt_step:
+                scores = self._observation_scores(lo, hi)
             else:
                 scores = self.scorer.score(
                     self.keys[:, :, lo:hi], cand_pos, values=self.values[:, :, lo:hi]
                 )
+                if self.recent_queries is not None:
+                    scores = _rank_union(scores, self._observation_scores(lo, hi))
             top = torch.topk(scores, n_keep, dim=-1, sorted=False).indices
             # Stream order inside the selected block keeps the layout deterministic.
             idx = torch.sort(top, dim=-1).values + lo
@@ -276,6 +341,28 @@ class KeySelector:
             self.slot_attention = self._keep(self.slot_attention, idx, lo, hi)
 
     # --------------------------------------------------------------- helpers
+    def _observation_scores(self, lo: int, hi: int) -> torch.Tensor:
+        """Log of the attention the recent queries give candidates ``lo:hi``, max-pooled."""
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        q = self.recent_queries
+        assert q is not None
+        w = q.shape[2]
+        # Slot i holds the query at the latest position p < n_seen with p % w == i.
+        slot = torch.arange(w, device=self.device)
+        qpos = self.n_seen - 1 - (self.n_seen - 1 - slot) % w
+        att = observation_attention(q, qpos, self.keys, self.positions, self.scorer.scale)
+        if self.pool_kernel > 1:
+            # A key next to a heavily attended one is kept with it (SnapKV's pooling): the
+            # tokens of a retrieved span are read together. Adding the key's own weight
+            # keeps the attended key itself ahead of the neighbours it lends its score to.
+            B, H, n = att.shape
+            pooled = F.max_pool1d(
+                att.reshape(B * H, 1, n), self.pool_kernel, stride=1, padding=self.pool_kernel // 2
+            ).reshape(B, H, n)
+            att = pooled + att
+        raw = torch.log(att[:, :, lo:hi] + 1e-30)
+        return self.scorer.finish_scores(raw, self.keys[:, :, lo:hi], self.values[:, :, lo:hi])
+
     @staticmethod
     def _keep(t: torch.Tensor, idx: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
         parts = [t[:, :, :lo]]
