@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .scorers import Scorer
-from .selector import KeySelector
+from .selector import DEFAULT_POOL_KERNEL, KeySelector
 
 __all__ = ["SketchCache", "SketchCacheLayer", "split_total"]
 
@@ -38,7 +38,6 @@ DEFAULT_SINKS = 4
 DEFAULT_WINDOW_FRACTION = 0.5
 DEFAULT_SCORER = "leverage+query"
 DEFAULT_OBSERVATION_WINDOW = 8
-DEFAULT_POOL_KERNEL = 15
 
 
 def split_total(total: int, sinks: int = DEFAULT_SINKS) -> tuple[int, int, int]:
@@ -75,7 +74,7 @@ class SketchCacheLayer(CacheLayerMixin):
         scorer: str,
         scorer_kwargs: dict[str, Any] | None = None,
         layer_idx: int | None = None,
-        observation_window: int = 0,
+        observation_window: int = DEFAULT_OBSERVATION_WINDOW,
         pool_kernel: int = DEFAULT_POOL_KERNEL,
     ) -> None:
         # CacheLayerMixin.__init__ is unannotated, and mypy's untyped_calls_exclude does
@@ -199,11 +198,11 @@ class SketchCache(Cache):
         (lowest perplexity of the library's scorers on every text measured, see
         ``docs/kv.md``).
         Query-aware scorers need :func:`streamsketch.kv.enable` on the model.
-    observation_window : int, optional
+    observation_window : int, default 8
         Recent queries whose exact attention ranks a prompt's keys and, at each
         decoding step, keeps what they read beside the scorer's choice (see
-        :class:`~streamsketch.kv.KeySelector`); default 8, 0 turns it off (the
-        previous behaviour).
+        :class:`~streamsketch.kv.KeySelector`); 0 turns it off (the previous
+        behaviour).
     pool_kernel : int, default 15
         Odd width of the pooling that keeps the span around an attended key.
     **scorer_kwargs
@@ -232,7 +231,7 @@ class SketchCache(Cache):
         sinks: int | None = None,
         window: int | None = None,
         scorer: str | None = None,
-        observation_window: int | None = None,
+        observation_window: int = DEFAULT_OBSERVATION_WINDOW,
         pool_kernel: int = DEFAULT_POOL_KERNEL,
         **scorer_kwargs: Any,
     ) -> None:
@@ -253,8 +252,6 @@ class SketchCache(Cache):
         sinks = DEFAULT_SINKS if sinks is None else sinks
         window = 64 if window is None else window
         scorer = DEFAULT_SCORER if scorer is None else scorer
-        if observation_window is None:
-            observation_window = DEFAULT_OBSERVATION_WINDOW
         # Validate everything now, not at the first forward step.
         KeySelector(
             1,
