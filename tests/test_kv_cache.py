@@ -49,14 +49,15 @@ def test_window_scorer_equals_streaming_mask(config):
     ids = _ids(150)
     prefill, sinks, budget, window = 40, 3, 5, 8
     keep = sinks + budget + window
-    cache = SketchCache(budget=budget, sinks=sinks, window=window, scorer="window")
+    cache = SketchCache(budget=budget, sinks=sinks, window=window, scorer="window", interval=1)
     got = _decode(model, ids, prefill, cache)
     n = ids.shape[1]
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
-    # Prefill rows are plainly causal; a decode row sees the sinks, the last `keep - sinks`
-    # older tokens (the window scorer spends the budget on the most recent keys) and itself.
-    allowed = (j <= i) & ((i < prefill) | (j < sinks) | (j >= i - (keep - sinks)))
+    # Prefill rows are plainly causal; a decode row sees the sinks and the last `keep - sinks`
+    # tokens, itself included (the window scorer spends the budget on the most recent keys;
+    # ranking at every step, the window slides by one token per step).
+    allowed = (j <= i) & ((i < prefill) | (j < sinks) | (j > i - (keep - sinks)))
     mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))[None, None]
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
@@ -74,7 +75,7 @@ def test_physical_cache_bounded_over_long_stream(config):
         nbytes = set()
         for t in range(500, 4000):
             kv_len, kv_off = cache.get_mask_sizes(1, 0)
-            assert kv_len == len(cache.layers[0].selector) + 1 and kv_off == t - kv_len + 1
+            assert kv_len == cache.capacity and kv_off == t - kv_len + 1
             model(ids[:, t : t + 1], past_key_values=cache)
             for layer in cache.layers:
                 sizes.add(layer.keys.shape[2])

@@ -1,20 +1,21 @@
 """SketchCache: a transformers ``Cache`` whose layers keep a constant number of keys per head.
 
 Each layer is a :class:`SketchCacheLayer` around one
-:class:`~streamsketch.kv.KeySelector`. A forward step appends the new keys
-and values, lets the step's queries attend to ``kept + new`` with the model's
-own attention kernel (SDPA, flash, eager: the scores are never materialised
-by the cache), then evicts back to ``sinks + budget + window`` keys per head.
-Query-aware scorers read the step's queries through the attention hook that
-:func:`streamsketch.kv.enable` installs; eviction then happens right after
-the attention of that layer.
+:class:`~streamsketch.kv.KeySelector`, whose buffers of the final size are
+written in place. A one-token step writes its key and value into the
+selector's window ring and attends to the buffers themselves (the same
+shapes at every step once they are full); a prompt chunk attends to the kept
+keys followed by the chunk, with the model's own attention kernel (SDPA,
+flash, eager: the scores are never materialised by the cache), and is then
+evicted back to capacity. Query-aware scorers read the step's queries through
+the attention hook that :func:`streamsketch.kv.enable` installs.
 
 Positions: keys are cached after RoPE, so a kept key keeps the rotation of
 its true position. ``get_seq_length`` is the *logical* length (tokens seen),
 which gives new tokens their true positions; ``get_mask_sizes`` describes the
-*physical* cache: ``kv_length = kept + new`` and ``kv_offset = seen - kept``,
-so the causal mask lets every new token see all kept keys and the new tokens
-before it.
+*physical* cache: ``kv_length`` is the number of keys attended and
+``kv_offset = seen + new - kv_length``, so the causal mask lets every new
+token see all kept keys (in whatever slot order) and the new tokens before it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .scorers import Scorer
-from .selector import DEFAULT_POOL_KERNEL, KeySelector
+from .selector import DEFAULT_INTERVAL, DEFAULT_POOL_KERNEL, KeySelector
 
 __all__ = ["SketchCache", "SketchCacheLayer", "split_total"]
 
@@ -58,7 +59,7 @@ class SketchCacheLayer(CacheLayerMixin):
     """One layer of a :class:`SketchCache`: a KeySelector behind the transformers layer API.
 
     ``keys``/``values`` hold the physical cache ``(B, H_kv, n, d)`` with
-    ``n <= sinks + budget + window`` between forward steps.
+    ``n <= capacity`` between forward steps (views of the selector's buffers).
     """
 
     is_sliding = False
@@ -76,6 +77,7 @@ class SketchCacheLayer(CacheLayerMixin):
         layer_idx: int | None = None,
         observation_window: int = DEFAULT_OBSERVATION_WINDOW,
         pool_kernel: int = DEFAULT_POOL_KERNEL,
+        interval: int = DEFAULT_INTERVAL,
     ) -> None:
         # CacheLayerMixin.__init__ is unannotated, and mypy's untyped_calls_exclude does
         # not reach calls through super() (python/mypy#16653).
@@ -85,6 +87,7 @@ class SketchCacheLayer(CacheLayerMixin):
         self.scorer_name = scorer
         self.scorer_kwargs = dict(scorer_kwargs or {})
         self.observation_window, self.pool_kernel = observation_window, pool_kernel
+        self.interval = interval
         self.selector: KeySelector | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -101,6 +104,7 @@ class SketchCacheLayer(CacheLayerMixin):
             scorer_kwargs=self.scorer_kwargs,
             observation_window=self.observation_window,
             pool_kernel=self.pool_kernel,
+            interval=self.interval,
         )
         self.is_initialized = True
 
@@ -111,12 +115,12 @@ class SketchCacheLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the step's keys/values; return ``kept + new`` for this step's attention."""
+        """Add the step's keys/values; return the keys/values this step's queries attend to."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         sel = self.selector
         assert sel is not None
-        if sel._pending:
+        if sel.pending:
             # The previous step's queries never arrived: the attention hook is missing.
             raise RuntimeError(
                 f"scorer {sel.scorer.name!r} needs the queries: call streamsketch.kv.enable(model) "
@@ -134,7 +138,7 @@ class SketchCacheLayer(CacheLayerMixin):
         """Called by the attention hook after the layer's attention: feed queries, then evict."""
         sel = self.selector
         assert sel is not None
-        if not sel._pending:
+        if not sel.pending:
             return
         sel.observe_queries(queries)
         if weights is not None:
@@ -153,8 +157,11 @@ class SketchCacheLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.selector is None:
             return query_length, 0
-        kept = len(self.selector)
-        return kept + query_length, self.selector.n_seen - kept
+        # The attended keys come first in any order; every one of them precedes the
+        # chunk's first position, so an offset that places them all before it gives the
+        # model's causal mask exactly "kept keys, then the chunk causally".
+        length = self.selector.attended_length(query_length)
+        return length, self.selector.n_seen + query_length - length
 
     def get_max_length(self) -> int:
         return -1
@@ -205,6 +212,10 @@ class SketchCache(Cache):
         behaviour).
     pool_kernel : int, default 15
         Odd width of the pooling that keeps the span around an attended key.
+    interval : int, default 16
+        Decoding steps between two rankings of the selected keys against the
+        window tokens about to leave it (see :class:`~streamsketch.kv.KeySelector`);
+        1 ranks at every step.
     **scorer_kwargs
         Passed to the scorer's constructor (e.g. ``half_life``).
 
@@ -216,11 +227,13 @@ class SketchCache(Cache):
 
     Notes
     -----
-    Memory per layer and KV head: at most ``sinks + budget + window`` keys
-    and values between steps, plus the scorer's O(d^2) floats; a step holds
-    its own new tokens on top. Beam search, cropping and batch reordering
-    are not supported (evicted keys cannot be restored). Left-padded batches
-    are not supported: the padding mask is indexed by physical slot.
+    Memory per layer and KV head: ``capacity`` keys and values in buffers
+    allocated by the first step, plus the scorer's O(d^2) floats; a
+    one-token step attends to exactly those (its own token included), a
+    prompt chunk holds its own tokens on top until it is evicted. Beam search,
+    cropping and batch reordering are not supported (evicted keys cannot be
+    restored). Left-padded batches are not supported: the padding mask is
+    indexed by physical slot.
     """
 
     def __init__(
@@ -233,6 +246,7 @@ class SketchCache(Cache):
         scorer: str | None = None,
         observation_window: int = DEFAULT_OBSERVATION_WINDOW,
         pool_kernel: int = DEFAULT_POOL_KERNEL,
+        interval: int = DEFAULT_INTERVAL,
         **scorer_kwargs: Any,
     ) -> None:
         if (total is None) == (budget is None):
@@ -263,9 +277,11 @@ class SketchCache(Cache):
             scorer_kwargs=scorer_kwargs,
             observation_window=observation_window,
             pool_kernel=pool_kernel,
+            interval=interval,
         )
         self.budget, self.sinks, self.window, self.scorer = budget, sinks, window, scorer
         self.observation_window, self.pool_kernel = observation_window, pool_kernel
+        self.interval = interval
         self.scorer_kwargs = scorer_kwargs
         super().__init__(layers=[])
 
@@ -279,6 +295,7 @@ class SketchCache(Cache):
             layer_idx,
             observation_window=self.observation_window,
             pool_kernel=self.pool_kernel,
+            interval=self.interval,
         )
 
     def update(

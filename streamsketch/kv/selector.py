@@ -2,15 +2,18 @@
 
 Per (batch, KV head) the selector keeps the first ``sinks`` tokens, the last
 ``window`` tokens and up to ``budget`` older tokens chosen by a
-:mod:`~streamsketch.kv.scorers` scorer. The physical layout of the kept
-tensors is ``[sinks | selected | window]``; all heads keep the same *number*
-of keys (it follows from the stream length alone), only which older keys are
-selected differs per head, so every step is a fixed-shape tensor program:
-no Python loop over heads and no host synchronisation.
+:mod:`~streamsketch.kv.scorers` scorer, in preallocated buffers laid out
+``[sinks | selected | window ring]`` and written in place. All heads keep the
+same *number* of keys (it follows from the stream length alone), only which
+older keys are selected differs per head, so every step is a fixed-shape
+tensor program: no Python loop over heads, no host synchronisation, and
+once the buffers are full a one-token step has the same shapes at every
+position.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -27,9 +30,22 @@ from .scorers import (
 
 __all__ = ["KeySelector"]
 
+#: One-token steps between two rankings of the selected keys against the window tokens
+#: about to leave it (each ranking scores ``budget + interval`` candidates).
+DEFAULT_INTERVAL = 16
+
 #: Width of the pooling of observation-window attention: a short phrase around an attended
 #: token (15 recalled one pass key more than 7 on six hard cases; see the issue-20 note).
 DEFAULT_POOL_KERNEL = 15
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` ``(B, H, m)`` of ``t`` ``(B, H, n, d)`` along the slot axis."""
+    return torch.gather(t, 2, _expand(idx, t))
+
+
+def _expand(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return idx[..., None].expand(*idx.shape, like.shape[-1])
 
 
 def _rank_union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -91,15 +107,32 @@ class KeySelector:
         rank it high (:func:`_rank_union`). 0 turns it off.
     pool_kernel : int, default 15
         Odd width of the max-pooling of the observation-window attention over
-        neighbouring slots, so a kept key keeps the span around it.
+        neighbouring positions, so a kept key keeps the span around it.
+    interval : int, default 16
+        One-token steps between two rankings. Every ``interval`` steps the
+        ``budget`` selected keys and the next ``interval`` window tokens to be
+        overwritten are ranked together; the best fill the selected slots, the
+        rest stay in the window slots until new tokens take them. 1 ranks at
+        every step (the window then slides by exactly one token per step).
 
     Notes
     -----
-    Cost per call with a chunk of ``c`` tokens: the scorer's observation
-    (O(c d) to O(c d^2) per head), scoring the ``m <= budget + c`` candidates
-    (O(m d) to O(m d^2 g)) and one ``topk`` and gather over them. Memory:
-    ``sinks + budget + window`` keys and values per head between calls, plus
-    the scorer's O(d^2) state; a call holds ``c`` more keys transiently.
+    Layout: keys, values and positions live in buffers of the final shape
+    ``(B, H_kv, capacity, ·)``, allocated by the first chunk and written in
+    place: ``[sinks | selected | window ring]``. A one-token step writes its
+    token into the ring slot of the token ``window`` steps older, so it
+    attends to the buffers themselves (``capacity`` keys, the new one
+    included) and its shapes never change once they are full; slot order does
+    not matter to attention (keys are cached after RoPE), and positions are
+    tracked per slot. Every key of the last ``window`` tokens stays attended:
+    a ranked-out window token stays in its slot until its successor arrives.
+
+    Cost of a one-token step: the scorer's observation (O(d) to O(d^2) per
+    head), the write, and every ``interval`` steps one scoring of ``budget +
+    interval`` candidates (O(m d) to O(m d^2 g)) and a sort. A chunk of ``c >
+    1`` tokens that overflows the buffers is scored with all ``capacity + c``
+    kept and new keys and holds them transiently; memory between calls is
+    ``capacity`` keys and values per head plus the scorer's O(d^2) state.
 
     Inputs are checked for type, dtype and shape before any state changes;
     NaN/Inf values are not refused (that would synchronise with the device
@@ -132,14 +165,19 @@ class KeySelector:
         scorer_kwargs: dict[str, Any] | None = None,
         observation_window: int = 0,
         pool_kernel: int = DEFAULT_POOL_KERNEL,
+        interval: int = DEFAULT_INTERVAL,
     ) -> None:
         self.budget = check_int(budget, "budget", minimum=0)
+        self.interval = check_int(interval, "interval", minimum=1)
         self.observation_window = check_int(observation_window, "observation_window", minimum=0)
         self.pool_kernel = check_int(pool_kernel, "pool_kernel", minimum=1)
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be odd, got {self.pool_kernel}")
         self.sinks = check_int(sinks, "sinks", minimum=0)
         self.window = check_int(window, "window", minimum=0)
+        # The ring holds at least the current token; a decision block fits in the ring.
+        self._ring = max(self.window, 1)
+        self._interval = min(self.interval, self._ring)
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
         self.device = torch.device("cpu") if device is None else torch.device(device)
@@ -168,13 +206,24 @@ class KeySelector:
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Empty the cache and the scorer state."""
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
-        # Accumulated attention per kept slot (only for scorers that read attention).
-        self.slot_attention: torch.Tensor | None = None
+        """Empty the cache and the scorer state (the buffers are allocated again on first use)."""
+        # Capacity buffers (B, H_kv, capacity, ...), allocated by the first chunk and then only
+        # written in place; slot -> position is tracked in `_positions`.
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        # Accumulated attention per slot (only for scorers that read attention).
+        self._slot_attention: torch.Tensor | None = None
+        # Candidate slots of each block decision, one row per ring offset (see _decide_block).
+        self._block_slots: torch.Tensor | None = None
+        # A prompt chunk that overflows the buffers waits here, concatenated after the kept
+        # keys, until its queries are observed (`compress` then rebuilds the buffers).
+        self._chunk: dict[str, torch.Tensor] | None = None
         self.n_seen = 0
+        # Every position below `_decided` is settled: while the buffers fill, positions below
+        # sinks + budget sit in their final region.
+        self._decided = self.sinks + self.budget
+        # (Once full: every position below it is in the selected region or dropped.)
         self._pending = 0
         # Ring buffer of the last `observation_window` queries (slot = position % w),
         # allocated by the first queries; `_prompt_step` marks a compress after a chunk of
@@ -185,18 +234,73 @@ class KeySelector:
 
     @property
     def capacity(self) -> int:
-        """``sinks + budget + window``: the most keys kept per head between calls."""
-        return self.sinks + self.budget + self.window
+        """``sinks + budget + max(window, 1)``: keys held per head once the stream is longer.
+
+        A window of 0 still holds one slot: the current token, which its own
+        query must see.
+        """
+        return self.sinks + self.budget + self._ring
+
+    @property
+    def pending(self) -> bool:
+        """True between :meth:`append` and :meth:`compress` (the chunk's queries are awaited)."""
+        return bool(self._pending)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """``(B, H_kv, n, d)`` keys attended now: the kept keys, or kept + chunk after append."""
+        return self._attended("keys", self._keys)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """``(B, H_kv, n, d)`` the values beside :attr:`keys`."""
+        return self._attended("values", self._values)
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """``(B, H_kv, n)`` int64 stream positions of :attr:`keys` (slot order is arbitrary)."""
+        return self._attended("positions", self._positions)
+
+    @property
+    def slot_attention(self) -> torch.Tensor | None:
+        """``(B, H_kv, n)`` attention accumulated by each key of :attr:`keys` (h2o only)."""
+        return self._attended("attention", self._slot_attention)
+
+    def _attended(self, name: str, buffer: torch.Tensor | None) -> torch.Tensor | None:
+        # The pending chunk's concatenation while one is held, else the filled
+        # slots of the buffer (the buffer itself once full: no view op per step).
+        if self._chunk is not None:
+            return self._chunk.get(name)
+        if buffer is None or self.n_seen >= self.capacity:
+            return buffer
+        return buffer[:, :, : self.n_seen]
+
+    @property
+    def _n_valid(self) -> int:
+        return min(self.n_seen, self.capacity)
 
     def __len__(self) -> int:
-        """Physical keys per head held now."""
-        return 0 if self.keys is None else self.keys.shape[2]
+        """Physical keys per head attended now."""
+        keys = self.keys
+        return 0 if keys is None else keys.shape[2]
+
+    def attended_length(self, query_length: int) -> int:
+        """Keys per head the next chunk of ``query_length`` tokens attends to (kept + chunk).
+
+        A one-token step attends to the capacity buffers themselves (the new
+        token written into its ring slot), so its length stops growing once
+        the stream fills them; a longer chunk attends to the kept keys
+        followed by the chunk.
+        """
+        if query_length == 1:
+            return min(self.n_seen + 1, self.capacity)
+        return self._n_valid + query_length
 
     @property
     def nbytes(self) -> int:
-        """Bytes of kept keys, values, positions and scorer state."""
+        """Bytes of the capacity buffers and the scorer state (constant once allocated)."""
         total = self.scorer.nbytes
-        for t in (self.keys, self.values, self.positions, self.slot_attention):
+        for t in (self._keys, self._values, self._positions, self._slot_attention):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
@@ -219,8 +323,9 @@ class KeySelector:
         Returns
         -------
         keys, values : torch.Tensor
-            ``(B, H_kv, n, d)`` with ``n <= sinks + budget + window``, laid out
-            ``[sinks | selected | window]``; views of the selector's buffers.
+            ``(B, H_kv, n, d)`` with ``n <= capacity``: views of the
+            selector's buffers, in slot order (``[sinks | selected | window
+            ring]``, each region in no particular order).
         positions : torch.Tensor
             ``(B, H_kv, n)`` int64 stream positions of the kept keys.
         """
@@ -236,49 +341,71 @@ class KeySelector:
         return self.keys, self.values, self.positions
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """First half of :meth:`update`: add the chunk without evicting.
+        """First half of :meth:`update`: add the chunk; return what its queries attend to.
 
-        Returns the kept keys/values followed by the chunk, which is what the
-        chunk's own queries attend to; call :meth:`compress` afterwards (a
-        cache calls it once the queries have been observed).
+        A one-token step first settles the fate of the window tokens that the
+        next steps will overwrite (every ``interval`` steps, one scoring of
+        ``budget + interval`` candidates), then writes the token into its ring
+        slot: the returned tensors are the capacity buffers themselves. A
+        longer chunk that fits is written in place too; one that overflows is
+        returned after the kept keys and evicted by :meth:`compress`, which a
+        cache calls once the queries have been observed.
         """
         if self._pending:
             raise RuntimeError("append called twice without compress in between")
         self._check_kv(keys, values)
         B, _, c, _ = keys.shape
-        if self.keys is not None and B != self.keys.shape[0]:
-            raise ValueError(f"batch size changed from {self.keys.shape[0]} to {B}; call reset()")
+        if self._keys is not None and B != self._keys.shape[0]:
+            raise ValueError(f"batch size changed from {self._keys.shape[0]} to {B}; call reset()")
         if self.dtype is None:
             self.dtype = keys.dtype
         keys = keys.to(self.device, self.dtype)
         values = values.to(self.device, self.dtype)
         # Validation is over, so the state may change from here on.
-        self.scorer.observe_keys(keys)
-        pos = torch.arange(self.n_seen, self.n_seen + c, device=self.device)
-        pos = pos.expand(B, self.num_kv_heads, c)
-        if self.keys is None:
-            # Own copies: the selector must not alias the caller's tensors.
-            self.keys, self.values, self.positions = keys.clone(), values.clone(), pos
+        if self._keys is None:
+            self._allocate(B)
+        assert self._keys is not None and self._values is not None and self._positions is not None
+        p, cap = self.n_seen, self.capacity
+        if p + c <= cap:
+            # Still filling: slot = position.
+            self._write(slice(p, p + c), keys, values, p)
+        elif c == 1:
+            slot = self._ring_slot(p)
+            if self.budget and p - self._ring >= self._decided:
+                self._decide_block((p - self._ring - self.sinks - self.budget) % self._ring)
+                self._decided = p - self._ring + self._interval
+            self._write(slice(slot, slot + 1), keys, values, p)
         else:
-            assert self.values is not None and self.positions is not None
-            self.keys = torch.cat([self.keys, keys], dim=2)
-            self.values = torch.cat([self.values, values], dim=2)
-            self.positions = torch.cat([self.positions, pos], dim=2)
-        if self.slot_attention is not None or self.scorer.needs_attention:
-            fresh = torch.zeros(B, self.num_kv_heads, c, device=self.device)
-            old = self.slot_attention
-            self.slot_attention = fresh if old is None else torch.cat([old, fresh], dim=2)
+            chunk = {
+                "keys": torch.cat([self._keys[:, :, : self._n_valid], keys], dim=2),
+                "values": torch.cat([self._values[:, :, : self._n_valid], values], dim=2),
+                "positions": torch.cat(
+                    [
+                        self._positions[:, :, : self._n_valid],
+                        torch.arange(p, p + c, device=self.device).expand(B, self.num_kv_heads, c),
+                    ],
+                    dim=2,
+                ),
+            }
+            if self._slot_attention is not None:
+                fresh = self._slot_attention.new_zeros(B, self.num_kv_heads, c)
+                chunk["attention"] = torch.cat(
+                    [self._slot_attention[:, :, : self._n_valid], fresh], dim=2
+                )
+            self._chunk = chunk
+        self.scorer.observe_keys(keys)
         self.n_seen += c
         self._pending = c
+        assert self.keys is not None and self.values is not None
         return self.keys, self.values
 
     def observe_queries(self, queries: torch.Tensor) -> None:
         """Feed queries ``(B, H_q, c, d)`` to a query-aware scorer (others ignore them).
 
         With ``observation_window`` set, the chunk's last queries also enter
-        the ring buffer ``recent_queries``: the next :meth:`compress` ranks a
-        prompt's candidates (a chunk of more than one token) by their exact
-        attention alone, and a one-token step's by the scorer and them.
+        the ring buffer ``recent_queries``: the next :meth:`compress` ranks an
+        overflowing prompt's candidates by their exact attention alone, and
+        the decisions of one-token steps rank by the scorer and them.
         """
         self.scorer.observe_queries(queries)
         w = self.observation_window
@@ -287,94 +414,192 @@ class KeySelector:
         B, Hq, c, d = queries.shape
         if self.recent_queries is None:
             self.recent_queries = torch.zeros(B, Hq, w, d, device=self.device)
-        k = min(c, w)
-        slots = torch.arange(self.n_seen - k, self.n_seen, device=self.device) % w
-        recent = _finite_rows(queries[:, :, -k:].detach().to(self.recent_queries))
-        self.recent_queries.index_copy_(2, slots, recent)
+        if c == 1:
+            # A Python slot index: one copy, no index tensor to build per step.
+            slot = (self.n_seen - 1) % w
+            recent = _finite_rows(queries.detach().to(self.recent_queries))
+            self.recent_queries[:, :, slot : slot + 1].copy_(recent)
+        else:
+            k = min(c, w)
+            slots = torch.arange(self.n_seen - k, self.n_seen, device=self.device) % w
+            recent = _finite_rows(queries[:, :, -k:].detach().to(self.recent_queries))
+            self.recent_queries.index_copy_(2, slots, recent)
         self._prompt_step = c > 1
 
     def observe_attention(self, weights: torch.Tensor) -> None:
-        """Add attention weights ``(B, H_q, c, n)`` over the current physical keys (h2o only)."""
+        """Add attention weights ``(B, H_q, c, n)`` over the keys just attended (h2o only)."""
         if not self.scorer.needs_attention:
             return
-        if self.slot_attention is None or weights.shape[-1] != self.slot_attention.shape[-1]:
+        att = self.slot_attention
+        if att is None or weights.shape[-1] != att.shape[-1]:
             raise ValueError("weights must cover the selector's current physical keys")
         B, Hq = weights.shape[:2]
         grouped = weights.to(torch.float32).reshape(
             B, self.num_kv_heads, Hq // self.num_kv_heads, -1, weights.shape[-1]
         )
-        self.slot_attention += grouped.sum(dim=(2, 3))
+        att += grouped.sum(dim=(2, 3))
 
     def compress(self) -> None:
-        """Second half of :meth:`update`: evict down to ``sinks + budget + window`` keys."""
+        """Second half of :meth:`update`: evict an overflowing chunk down to capacity.
+
+        One-token steps and chunks that fit were settled by :meth:`append`;
+        here only the pending flag is cleared for them.
+        """
         if not self._pending:
             return
-        assert self.keys is not None and self.values is not None and self.positions is not None
-        n_phys = self.keys.shape[2]
-        n_sinks = min(self.sinks, self.n_seen)
-        n_window = min(self.window, self.n_seen - n_sinks)
-        n_cand = n_phys - n_sinks - n_window
-        n_keep = min(self.budget, n_cand)
         self._pending = 0
         prompt_step, self._prompt_step = self._prompt_step, False
-        if n_keep == n_cand:
-            return
-        lo, hi = n_sinks, n_phys - n_window
-        cand_pos = self.positions[:, :, lo:hi]
-        if n_keep == 0:
-            idx = None
-        else:
-            if self.scorer.needs_attention:
-                assert self.slot_attention is not None
-                scores = self.slot_attention[:, :, lo:hi]
-            elif self.recent_queries is not None and prompt_step:
-                scores = self._observation_scores(lo, hi)
-            else:
-                scores = self.scorer.score(
-                    self.keys[:, :, lo:hi], cand_pos, values=self.values[:, :, lo:hi]
-                )
-                if self.recent_queries is not None:
-                    scores = _rank_union(scores, self._observation_scores(lo, hi))
-            top = torch.topk(scores, n_keep, dim=-1, sorted=False).indices
-            # Stream order inside the selected block keeps the layout deterministic.
-            idx = torch.sort(top, dim=-1).values + lo
-        self.keys = self._keep(self.keys, idx, lo, hi)
-        self.values = self._keep(self.values, idx, lo, hi)
-        self.positions = self._keep(self.positions, idx, lo, hi)
-        if self.slot_attention is not None:
-            self.slot_attention = self._keep(self.slot_attention, idx, lo, hi)
+        if self._chunk is not None:
+            self._rebuild(self._chunk, prompt_step)
+            self._chunk = None
 
     # --------------------------------------------------------------- helpers
-    def _observation_scores(self, lo: int, hi: int) -> torch.Tensor:
-        """Log of the attention the recent queries give candidates ``lo:hi``, max-pooled."""
-        assert self.keys is not None and self.values is not None and self.positions is not None
+    def _allocate(self, batch_size: int) -> None:
+        shape = (batch_size, self.num_kv_heads, self.capacity)
+        assert self.dtype is not None
+        self._keys = torch.zeros(*shape, self.head_dim, device=self.device, dtype=self.dtype)
+        self._values = torch.zeros_like(self._keys)
+        # -1 marks an empty slot; it is never attended (the stream fills slots in order).
+        self._positions = torch.full(shape, -1, dtype=torch.long, device=self.device)
+        if self.scorer.needs_attention:
+            self._slot_attention = torch.zeros(shape, device=self.device)
+        if self.budget:
+            # Row i: the selected slots, then the `interval` ring slots from ring offset i on.
+            base = self.sinks + self.budget
+            ring = torch.arange(self._ring)[:, None]
+            offsets = (ring + torch.arange(self._interval)) % self._ring
+            selected = torch.arange(self.sinks, base).expand(self._ring, -1)
+            self._block_slots = torch.cat([selected, base + offsets], dim=1).to(self.device)
+
+    def _ring_slot(self, position: int) -> int:
+        base = self.sinks + self.budget
+        return base + (position - base) % self._ring
+
+    def _write(self, slots: slice, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
+        assert self._keys is not None and self._values is not None and self._positions is not None
+        c = keys.shape[2]
+        self._keys[:, :, slots].copy_(keys)
+        self._values[:, :, slots].copy_(values)
+        if c == 1:
+            self._positions[:, :, slots].fill_(first)
+        else:
+            self._positions[:, :, slots].copy_(torch.arange(first, first + c, device=self.device))
+        if self._slot_attention is not None:
+            self._slot_attention[:, :, slots].zero_()
+
+    def _decide_block(self, ring_offset: int) -> None:
+        """Rank the selected keys and the next ``interval`` window tokens to be overwritten.
+
+        The best ``budget`` of these ``budget + interval`` candidates go to the
+        selected slots and the rest to the ring slots, which the next
+        ``interval`` tokens overwrite: a permutation written in place, so every
+        key stays attended until its slot is taken.
+        """
+        assert self._keys is not None and self._values is not None and self._positions is not None
+        assert self._block_slots is not None
+        slots = self._block_slots[ring_offset]
+        keys = self._keys.index_select(2, slots)
+        values = self._values.index_select(2, slots)
+        pos = self._positions.index_select(2, slots)
+        if self.scorer.needs_attention:
+            assert self._slot_attention is not None
+            att = self._slot_attention.index_select(2, slots)
+            scores = att
+        else:
+            scores = self.scorer.score(keys, pos, values=values)
+            if self.recent_queries is not None:
+                raw = self._observation_scores(self._keys, self._positions)
+                raw = raw.gather(2, slots.expand(*raw.shape[:2], -1))
+                scores = _rank_union(scores, self.scorer.finish_scores(raw, keys, values))
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        # The ranked-out keys go to the block's slots oldest first: block slot j is taken
+        # at step j of the next `interval`, so a window token stays until it leaves the window.
+        out = order[:, :, self.budget :]
+        out = out.gather(2, torch.argsort(pos.gather(2, out), dim=-1))
+        order = torch.cat([order[:, :, : self.budget], out], dim=2)
+        self._keys.index_copy_(2, slots, _take(keys, order))
+        self._values.index_copy_(2, slots, _take(values, order))
+        self._positions.index_copy_(2, slots, pos.gather(2, order))
+        if self.scorer.needs_attention:
+            assert self._slot_attention is not None
+            self._slot_attention.index_copy_(2, slots, att.gather(2, order))
+
+    def _rebuild(self, chunk: dict[str, torch.Tensor], prompt_step: bool) -> None:
+        """Evict an overflowing chunk: keep the sinks, the last window and the best older keys."""
+        assert self._keys is not None and self._values is not None and self._positions is not None
+        keys, values, pos = chunk["keys"], chunk["values"], chunk["positions"]
+        s, b, ring = self.sinks, self.budget, self._ring
+        cand_k, cand_v, cand_p = keys[:, :, s:], values[:, :, s:], pos[:, :, s:]
+        if self.scorer.needs_attention:
+            scores = chunk["attention"][:, :, s:]
+        elif b and self.recent_queries is not None and prompt_step:
+            raw = self._observation_scores(keys, pos)[:, :, s:]
+            scores = self.scorer.finish_scores(raw, cand_k, cand_v)
+        elif b:
+            scores = self.scorer.score(cand_k, cand_p, values=cand_v)
+            if self.recent_queries is not None:
+                raw = self._observation_scores(keys, pos)[:, :, s:]
+                scores = _rank_union(scores, self.scorer.finish_scores(raw, cand_k, cand_v))
+        else:
+            scores = torch.zeros(cand_p.shape, device=self.device)
+        # The last `ring` tokens are kept whatever they score.
+        scores = scores.masked_fill(cand_p >= self.n_seen - ring, math.inf)
+        keep = torch.topk(scores, b + ring, dim=-1).indices
+        # In stream order the window comes last: the rest fill the selected region.
+        kept_pos = cand_p.gather(2, keep)
+        kept_pos, order = torch.sort(kept_pos, dim=-1)
+        keep = keep.gather(2, order)
+        base = s + b
+        B, H = kept_pos.shape[:2]
+        slots = torch.cat(
+            [
+                torch.arange(s, base, device=self.device).expand(B, H, -1),
+                base + (kept_pos[:, :, b:] - base) % ring,
+            ],
+            dim=2,
+        )
+        self._keys[:, :, :s].copy_(keys[:, :, :s])
+        self._values[:, :, :s].copy_(values[:, :, :s])
+        self._positions[:, :, :s].copy_(pos[:, :, :s])
+        self._keys[:, :, s:].scatter_(2, _expand(slots - s, keys), _take(cand_k, keep))
+        self._values[:, :, s:].scatter_(2, _expand(slots - s, values), _take(cand_v, keep))
+        self._positions[:, :, s:].scatter_(2, slots - s, kept_pos)
+        if self._slot_attention is not None:
+            att = chunk["attention"]
+            self._slot_attention[:, :, :s].copy_(att[:, :, :s])
+            self._slot_attention[:, :, s:].scatter_(2, slots - s, att[:, :, s:].gather(2, keep))
+        self._decided = self.n_seen - ring
+
+    def _observation_scores(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Log of the attention ``(B, H_kv, n)`` the recent queries give each of ``keys``, pooled.
+
+        The caller picks its candidates out of it and adds the scorer's value
+        term (:meth:`Scorer.finish_scores`), so both scores rank alike.
+        """
         q = self.recent_queries
         assert q is not None
         w = q.shape[2]
         # Slot i holds the query at the latest position p < n_seen with p % w == i.
         slot = torch.arange(w, device=self.device)
         qpos = self.n_seen - 1 - (self.n_seen - 1 - slot) % w
-        att = observation_attention(q, qpos, self.keys, self.positions, self.scorer.scale)
+        att = observation_attention(q, qpos, keys, positions, self.scorer.scale)
         if self.pool_kernel > 1:
             # A key next to a heavily attended one is kept with it (SnapKV's pooling): the
-            # tokens of a retrieved span are read together. Adding the key's own weight
-            # keeps the attended key itself ahead of the neighbours it lends its score to.
+            # tokens of a retrieved span are read together. Slots are in no stream order,
+            # so the pooling runs over the keys sorted by position. Adding the key's own
+            # weight keeps the attended key itself ahead of the neighbours it lends its
+            # score to.
             B, H, n = att.shape
+            order = torch.argsort(positions, dim=-1)
+            in_order = att.gather(2, order)
             pooled = F.max_pool1d(
-                att.reshape(B * H, 1, n), self.pool_kernel, stride=1, padding=self.pool_kernel // 2
+                in_order.reshape(B * H, 1, n),
+                self.pool_kernel,
+                stride=1,
+                padding=self.pool_kernel // 2,
             ).reshape(B, H, n)
-            att = pooled + att
-        raw = torch.log(att[:, :, lo:hi] + 1e-30)
-        return self.scorer.finish_scores(raw, self.keys[:, :, lo:hi], self.values[:, :, lo:hi])
-
-    @staticmethod
-    def _keep(t: torch.Tensor, idx: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
-        parts = [t[:, :, :lo]]
-        if idx is not None:
-            gather_idx = idx if t.dim() == 3 else idx[..., None].expand(*idx.shape, t.shape[-1])
-            parts.append(torch.gather(t, 2, gather_idx))
-        parts.append(t[:, :, hi:])
-        return torch.cat(parts, dim=2)
+            att = att + torch.empty_like(att).scatter_(2, order, pooled)
+        return torch.log(att + 1e-30)
 
     def _check_kv(self, keys: Any, values: Any) -> None:
         for name, t in (("keys", keys), ("values", values)):
