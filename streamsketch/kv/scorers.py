@@ -138,7 +138,7 @@ class Scorer:
         """Fold new keys ``(B, H_kv, c, d)`` into the state. Cost O(c d) or O(c d^2) per head."""
         self._check_keys(keys)
         self._ensure_state(keys.shape[0])
-        self._observe_keys(keys.to(torch.float32))
+        self._observe_keys(_as_float32(keys))
 
     def observe_queries(self, queries: torch.Tensor) -> None:
         """Fold new queries ``(B, H_q, c, d)`` into the state (no-op for key-only scorers)."""
@@ -154,7 +154,7 @@ class Scorer:
         self._check_tensor("queries", queries, self.num_q_heads or queries.shape[1])
         self._ensure_state(queries.shape[0])
         self.num_q_heads = queries.shape[1]
-        self._observe_queries(queries.to(torch.float32))
+        self._observe_queries(_as_float32(queries))
 
     def score(
         self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None = None
@@ -168,7 +168,7 @@ class Scorer:
         self._check_keys(keys)
         if self.batch_size is None:
             self._ensure_state(keys.shape[0])
-        return self.finish_scores(self._score(keys.to(torch.float32), positions), keys, values)
+        return self.finish_scores(self._score(_as_float32(keys), positions), keys, values)
 
     def finish_scores(
         self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None
@@ -411,7 +411,13 @@ class _QueryMoments(Scorer):
             self._alloc_moments(queries.shape[0], queries.shape[1])
         queries = _finite_rows(queries)
         c = queries.shape[2]
-        if self.half_life is None or c == 1:
+        if c == 1:
+            # One query (a decode step): its mean is itself and its scatter zero.
+            self._age(1)
+            self.tokens += 1
+            self._combine(1.0, queries[:, :, 0], None)
+            return
+        if self.half_life is None:
             weight = float(c)
             mean_c = queries.mean(dim=2)
             wq = None
@@ -445,10 +451,13 @@ class _QueryMoments(Scorer):
         total = n_a + n_b
         delta = mean_b - self.mean
         w = n_b / total
-        self.mean += delta * w
+        self.mean.add_(delta, alpha=w)
         if self._with_cov:
-            assert self.m2 is not None and m2_b is not None
-            self.m2 += m2_b + (n_a * w) * (delta[..., :, None] * delta[..., None, :])
+            # m2_b None: the batch's own scatter is zero (a single query).
+            assert self.m2 is not None
+            if m2_b is not None:
+                self.m2 += m2_b
+            self.m2.addcmul_(delta[..., :, None], delta[..., None, :], value=n_a * w)
         self.count = total
 
     def _merge(self, other: Scorer) -> None:
@@ -622,11 +631,18 @@ def observation_attention(
     return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(dim=2)
 
 
+def _as_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32; the tensor itself when it already is (no operator in a decode step)."""
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
 def _finite_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` with every last-axis row that is not finite, or whose squared norm
     overflows, replaced by zeros; on the device, without a host synchronisation."""
-    ok = torch.isfinite((t * t).sum(dim=-1, keepdim=True))
-    return torch.where(ok, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    # A sum of squares is NaN, +inf or finite and >= 0, so one comparison tells
+    # finiteness (isfinite decomposes into four kernels).
+    ok = (t * t).sum(dim=-1, keepdim=True) < math.inf
+    return torch.where(ok, t, 0.0)
 
 
 def _add_finite(state: torch.Tensor, update: torch.Tensor) -> None:

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from .._validation import check_int
 from .scorers import (
     Scorer,
-    _finite_rows,
     check_head_tensor,
     make_scorer,
     observation_attention,
@@ -359,8 +358,10 @@ class KeySelector:
             raise ValueError(f"batch size changed from {self._keys.shape[0]} to {B}; call reset()")
         if self.dtype is None:
             self.dtype = keys.dtype
-        keys = keys.to(self.device, self.dtype)
-        values = values.to(self.device, self.dtype)
+        if keys.dtype != self.dtype or keys.device != self.device:
+            keys = keys.to(self.device, self.dtype)
+        if values.dtype != self.dtype or values.device != self.device:
+            values = values.to(self.device, self.dtype)
         # Validation is over, so the state may change from here on.
         if self._keys is None:
             self._allocate(B)
@@ -415,14 +416,14 @@ class KeySelector:
         if self.recent_queries is None:
             self.recent_queries = torch.zeros(B, Hq, w, d, device=self.device)
         if c == 1:
-            # A Python slot index: one copy, no index tensor to build per step.
+            # A Python slot index: one copy (which also casts), no index tensor per step.
+            # Queries are stored raw: observation_attention gives a non-finite one no weight.
             slot = (self.n_seen - 1) % w
-            recent = _finite_rows(queries.detach().to(self.recent_queries))
-            self.recent_queries[:, :, slot : slot + 1].copy_(recent)
+            self.recent_queries[:, :, slot : slot + 1].copy_(queries.detach())
         else:
             k = min(c, w)
             slots = torch.arange(self.n_seen - k, self.n_seen, device=self.device) % w
-            recent = _finite_rows(queries[:, :, -k:].detach().to(self.recent_queries))
+            recent = queries[:, :, -k:].detach().to(self.recent_queries)
             self.recent_queries.index_copy_(2, slots, recent)
         self._prompt_step = c > 1
 
