@@ -478,3 +478,48 @@ def test_observation_window_evicts_non_finite_keys_first():
     _, _, pos = sel.update(k, v, queries=q)
     assert 10 not in pos[0, 0].tolist()
     assert 12 not in pos[0, 1].tolist()
+
+
+def _by_position(sel):
+    """The kept keys, values and positions in stream order (slot order is arbitrary)."""
+    order = torch.argsort(sel.positions, dim=-1)
+    take = order[..., None].expand(-1, -1, -1, sel.keys.shape[-1])
+    return sel.keys.gather(2, take), sel.values.gather(2, take), sel.positions.gather(2, order)
+
+
+@pytest.mark.slow
+def test_one_token_step_compiles_to_few_graphs_matching_eager():
+    """A decode step traces whole (fullgraph), recompiles only for its two kinds of step."""
+    dynamo = pytest.importorskip("torch._dynamo")
+    q, k, v = _stream(100, B=1, Hkv=2, g=3, d=16, seed=4)
+
+    def build():
+        sel = KeySelector(
+            2, 16, 10, sinks=2, window=12, observation_window=4, interval=4, pool_kernel=3
+        )
+        sel.update(k[:, :, :40], v[:, :, :40], queries=q[:, :, :40])
+        return sel
+
+    def step(sel, key, value, query):
+        sel.append(key, value)
+        sel.observe_queries(query)
+        sel.compress()
+
+    eager, compiled = build(), build()
+    dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled_step = torch.compile(step, fullgraph=True, backend=backend)
+    for t in range(40, 100):
+        args = (k[:, :, t : t + 1], v[:, :, t : t + 1], q[:, :, t : t + 1])
+        step(eager, *args)
+        compiled_step(compiled, *args)
+        for got, want in zip(_by_position(compiled), _by_position(eager), strict=True):
+            torch.testing.assert_close(got, want)
+    # The first step specialises on the stream length, the second makes it symbolic;
+    # then a re-ranking step and a plain step each have their graph.
+    assert len(graphs) <= 4, len(graphs)

@@ -451,13 +451,15 @@ class _QueryMoments(Scorer):
         total = n_a + n_b
         delta = mean_b - self.mean
         w = n_b / total
-        self.mean.add_(delta, alpha=w)
+        # The weights multiply tensors rather than pass as alpha=/value=, which
+        # torch.compile would specialise on (one graph per value of the count).
+        self.mean += delta * w
         if self._with_cov:
             # m2_b None: the batch's own scatter is zero (a single query).
             assert self.m2 is not None
             if m2_b is not None:
                 self.m2 += m2_b
-            self.m2.addcmul_(delta[..., :, None], delta[..., None, :], value=n_a * w)
+            self.m2.addcmul_(delta[..., :, None], delta[..., None, :] * (n_a * w))
         self.count = total
 
     def _merge(self, other: Scorer) -> None:
