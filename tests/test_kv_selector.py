@@ -276,6 +276,38 @@ def test_errors_name_argument_and_leave_state():
             KeySelector(2, 8, **kwargs)
 
 
+@pytest.mark.parametrize("scorer", ["leverage+query", "knorm"])
+def test_a_decode_step_checks_each_tensor_once(scorer, monkeypatch):
+    """The selector validates at its boundary; the scorer does not check the same tensors again."""
+    import streamsketch.kv.scorers as scorers_mod
+    import streamsketch.kv.selector as selector_mod
+
+    q, k, v = _stream(40)
+    sel = KeySelector(2, 8, 8, sinks=2, window=4, scorer=scorer, interval=1)
+    sel.update(k[:, :, :30], v[:, :, :30], queries=q[:, :, :30])
+    seen = []
+
+    def counting(name, t):
+        seen.append(name)
+        return check_head_tensor(name, t)
+
+    check_head_tensor = scorers_mod.check_head_tensor
+    monkeypatch.setattr(scorers_mod, "check_head_tensor", counting)
+    monkeypatch.setattr(selector_mod, "check_head_tensor", counting)
+    sel.update(k[:, :, 30:31], v[:, :, 30:31], queries=q[:, :, 30:31])
+    assert sorted(seen) == ["keys", "queries", "values"]
+    # The split path of a cache: append, then the queries observed on their own.
+    seen.clear()
+    sel.append(k[:, :, 31:32], v[:, :, 31:32])
+    sel.observe_queries(q[:, :, 31:32])
+    sel.compress()
+    assert sorted(seen) == ["keys", "queries", "values"]
+    with pytest.raises(ValueError, match="queries"):
+        sel.observe_queries(q[:, :3, 32:33])
+    with pytest.raises(ValueError, match="batch"):
+        sel.observe_queries(q[:1, :, 32:33])
+
+
 def test_mass_kept_measure_bounds():
     """Mass kept is in [0, 1], reaches 1 with room for everything, and the oracle bounds it."""
     q, k, v = _stream(160, B=1, Hkv=2, g=2, d=8, seed=4)

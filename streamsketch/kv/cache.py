@@ -20,12 +20,15 @@ token see all kept keys (in whatever slot order) and the new tokens before it.
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .persist import pack, unpack
 from .scorers import Scorer
 from .selector import DEFAULT_INTERVAL, DEFAULT_POOL_KERNEL, KeySelector
 
@@ -111,6 +114,38 @@ class SketchCacheLayer(CacheLayerMixin):
     @property
     def scorer(self) -> Scorer | None:
         return None if self.selector is None else self.selector.scorer
+
+    def attach(self, selector: KeySelector) -> None:
+        """Take ``selector`` (a loaded or copied state) as this layer's cache."""
+        theirs = (
+            selector.budget,
+            selector.sinks,
+            selector.window,
+            selector.interval,
+            selector.observation_window,
+            selector.pool_kernel,
+            selector.scorer.name,
+        )
+        ours = (
+            self.budget,
+            self.sinks,
+            self.window,
+            self.interval,
+            self.observation_window,
+            self.pool_kernel,
+            self.scorer_name,
+        )
+        if theirs != ours:
+            raise ValueError(
+                f"layer {self.layer_idx}: the selector's budget, sinks, window, interval, "
+                f"observation_window, pool_kernel, scorer {theirs} differ from the cache's {ours}"
+            )
+        self.selector = selector
+        if selector.dtype is not None:
+            self.dtype = selector.dtype
+        self.device = selector.device
+        self.is_initialized = True
+        self.keys, self.values = selector.keys, selector.values
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -212,7 +247,7 @@ class SketchCache(Cache):
         behaviour).
     pool_kernel : int, default 15
         Odd width of the pooling that keeps the span around an attended key.
-    interval : int, default 16
+    interval : int, default 4
         Decoding steps between two rankings of the selected keys against the
         window tokens about to leave it (see :class:`~streamsketch.kv.KeySelector`);
         1 ranks at every step.
@@ -309,6 +344,114 @@ class SketchCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(len(self.layers)))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    # ------------------------------------------------------------ persistence
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, with an explicit split (JSON-serialisable)."""
+        return {
+            "budget": self.budget,
+            "sinks": self.sinks,
+            "window": self.window,
+            "scorer": self.scorer,
+            "observation_window": self.observation_window,
+            "pool_kernel": self.pool_kernel,
+            "interval": self.interval,
+            "scorer_kwargs": dict(self.scorer_kwargs),
+        }
+
+    def _selectors(self) -> list[KeySelector | None]:
+        return [
+            layer.selector if isinstance(layer, SketchCacheLayer) else None for layer in self.layers
+        ]
+
+    def to_bytes(self) -> bytes:
+        """Configuration and every layer's state (kept keys, values, positions, scorer state)
+        as one safetensors blob (:mod:`streamsketch.kv.persist`); no pickle.
+
+        Refused (``RuntimeError``) in the middle of a forward step.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        layers: list[dict[str, Any] | None] = []
+        for i, sel in enumerate(self._selectors()):
+            layers.append(None if sel is None else sel.get_config())
+            if sel is not None:
+                for name, t in sel.state_dict().items():
+                    tensors[f"layers.{i}.{name}"] = t
+        return pack("SketchCache", {**self.get_config(), "layers": layers}, tensors)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, *, device: torch.device | str | None = None) -> SketchCache:
+        """The cache saved by :meth:`to_bytes`, on ``device`` (CPU by default).
+
+        Every field is validated (configuration, shapes against it, dtypes,
+        positions); a corrupted or mismatched blob raises ``ValueError``
+        saying what is wrong. The loaded cache continues exactly as the saved
+        one would: the same tokens for the same inputs.
+        """
+        config, tensors = unpack(blob, "SketchCache")
+        layers = config.pop("layers", None)
+        if not isinstance(layers, list) or len(layers) > 4096:
+            raise ValueError("blob's configuration must list its layers")
+        scorer_kwargs = config.pop("scorer_kwargs", None)
+        expected = {
+            "budget", "sinks", "window", "scorer", "observation_window", "pool_kernel",
+            "interval",
+        }  # fmt: skip
+        if set(config) != expected or not isinstance(scorer_kwargs, dict):
+            raise ValueError(
+                f"blob's configuration must hold {sorted(expected | {'layers', 'scorer_kwargs'})}"
+            )
+        try:
+            cache = cls._empty_like_config({**config, "scorer_kwargs": scorer_kwargs})
+        except TypeError as exc:
+            raise ValueError(f"blob's configuration is malformed: {exc}") from exc
+        known = {f"layers.{i}." for i, c in enumerate(layers) if c is not None}
+        stray = [n for n in tensors if n[: n.find(".", 7) + 1] not in known]
+        if stray:
+            raise ValueError(f"blob holds tensors of no layer: {stray[:3]}")
+        for i, layer_config in enumerate(layers):
+            layer = cache._new_layer(i)
+            if layer_config is not None:
+                prefix = f"layers.{i}."
+                state = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
+                selector = KeySelector.from_config(layer_config, device=device)
+                selector.load_state_dict(state)
+                layer.attach(selector)
+            cache.layers.append(layer)
+        return cache
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_bytes` to ``path``."""
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, device: torch.device | str | None = None
+    ) -> SketchCache:
+        """Read a cache written by :meth:`save` (see :meth:`from_bytes`)."""
+        return cls.from_bytes(Path(path).read_bytes(), device=device)
+
+    def copy(self) -> SketchCache:
+        """An independent cache in the same state: a branch point.
+
+        Two questions can continue from one compressed document without
+        prefilling it twice: ``a = cache.copy()``, then each is decoded on its
+        own. The copy has the same batch size, device and dtype (every row
+        branches; to branch one row, decode a batch of one). Cost: one copy
+        of the capacity buffers and scorer state of every layer.
+        """
+        other = self._empty_like_config(self.get_config())
+        for i, sel in enumerate(self._selectors()):
+            layer = other._new_layer(i)
+            if sel is not None:
+                layer.attach(sel.copy())
+            other.layers.append(layer)
+        return other
+
+    @classmethod
+    def _empty_like_config(cls, config: dict[str, Any]) -> SketchCache:
+        kwargs = {k: v for k, v in config.items() if k != "scorer_kwargs"}
+        return cls(**kwargs, **config["scorer_kwargs"])
 
     @property
     def capacity(self) -> int:

@@ -134,30 +134,42 @@ class Scorer:
         self.value_centred = check_bool(value_centred, "value_centred")
 
     # ----------------------------------------------------------------- protocol
-    def observe_keys(self, keys: torch.Tensor) -> None:
-        """Fold new keys ``(B, H_kv, c, d)`` into the state. Cost O(c d) or O(c d^2) per head."""
-        self._check_keys(keys)
+    def observe_keys(self, keys: torch.Tensor, *, validate: bool = True) -> None:
+        """Fold new keys ``(B, H_kv, c, d)`` into the state. Cost O(c d) or O(c d^2) per head.
+
+        ``validate=False`` skips the type and shape checks, for a caller that
+        has checked these tensors at its own boundary (:class:`KeySelector`
+        does); this holds for :meth:`observe_queries` and :meth:`score` too.
+        """
+        if validate:
+            self._check_keys(keys)
         self._ensure_state(keys.shape[0])
         self._observe_keys(_as_float32(keys))
 
-    def observe_queries(self, queries: torch.Tensor) -> None:
+    def observe_queries(self, queries: torch.Tensor, *, validate: bool = True) -> None:
         """Fold new queries ``(B, H_q, c, d)`` into the state (no-op for key-only scorers)."""
         if not self.needs_queries:
             return
-        if self.num_q_heads is None:
-            check_head_tensor("queries", queries)
-            if queries.shape[1] % self.num_kv_heads:
-                raise ValueError(
-                    f"queries' heads ({queries.shape[1]}) must be a multiple of "
-                    f"num_kv_heads ({self.num_kv_heads})"
-                )
-        self._check_tensor("queries", queries, self.num_q_heads or queries.shape[1])
+        if validate:
+            if self.num_q_heads is None:
+                check_head_tensor("queries", queries)
+                if queries.shape[1] % self.num_kv_heads:
+                    raise ValueError(
+                        f"queries' heads ({queries.shape[1]}) must be a multiple of "
+                        f"num_kv_heads ({self.num_kv_heads})"
+                    )
+            self._check_tensor("queries", queries, self.num_q_heads or queries.shape[1])
         self._ensure_state(queries.shape[0])
         self.num_q_heads = queries.shape[1]
         self._observe_queries(_as_float32(queries))
 
     def score(
-        self, keys: torch.Tensor, positions: torch.Tensor, values: torch.Tensor | None = None
+        self,
+        keys: torch.Tensor,
+        positions: torch.Tensor,
+        values: torch.Tensor | None = None,
+        *,
+        validate: bool = True,
     ) -> torch.Tensor:
         """Scores ``(B, H_kv, m)`` float32 of candidate keys ``(B, H_kv, m, d)``; larger is kept.
 
@@ -165,7 +177,8 @@ class Scorer:
         ``values`` ``(B, H_kv, m, d_v)`` their values (used by ``value_weighted``).
         Candidates whose key or value holds NaN/Inf score ``-inf``.
         """
-        self._check_keys(keys)
+        if validate:
+            self._check_keys(keys)
         if self.batch_size is None:
             self._ensure_state(keys.shape[0])
         return self.finish_scores(self._score(_as_float32(keys), positions), keys, values)
@@ -224,6 +237,76 @@ class Scorer:
     def state(self) -> dict[str, torch.Tensor]:
         """The state tensors (views, not copies), by name."""
         return {}
+
+    # ------------------------------------------------------------ persistence
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-serialisable), ``name`` included: ``make_scorer(**it)``
+        rebuilds an empty scorer of the same kind (see :meth:`load_state_dict`)."""
+        return {
+            "name": self.name,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "num_q_heads": self.num_q_heads,
+            "scale": self.scale,
+            "value_weighted": self.value_weighted,
+            "value_centred": self.value_centred,
+            **self._extra_config(),
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the state tensors and counters (0-d tensors), for :meth:`load_state_dict`."""
+        out = {}
+        if self.batch_size is not None:
+            out = {name: t.detach().clone() for name, t in self.state().items()}
+        out["batch_size"] = torch.tensor(-1 if self.batch_size is None else self.batch_size)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the state by ``state`` (from :meth:`state_dict` of a scorer of this config).
+
+        Every tensor is checked against the configuration (names, shapes,
+        dtypes, finite values) before anything changes; a mismatch raises
+        ``ValueError`` naming the field. Tensors move to this scorer's device.
+        """
+        if not isinstance(state, dict) or "batch_size" not in state:
+            raise ValueError("scorer state must be a dict holding 'batch_size'")
+        batch = _scalar(state["batch_size"], "batch_size", torch.int64)
+        if batch < -1 or batch == 0:
+            raise ValueError(f"scorer state 'batch_size' must be positive or -1, got {batch}")
+        expected = {} if batch == -1 else self._state_layout(int(batch))
+        expected["batch_size"] = ((), torch.int64)
+        if set(state) != set(expected):
+            raise ValueError(f"scorer state must hold {sorted(expected)}, got {sorted(state)}")
+        for name, (shape, dtype) in expected.items():
+            t = state[name]
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+                got = (
+                    f"{t.dtype} {tuple(t.shape)}"
+                    if isinstance(t, torch.Tensor)
+                    else type(t).__name__
+                )
+                raise ValueError(f"scorer state {name!r} must be {dtype} {shape}, got {got}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"scorer state {name!r} holds NaN or Inf")
+        tensors = {n: state[n] for n in expected if n != "batch_size"}
+        self._check_state(tensors)
+        self.reset()
+        if batch != -1:
+            self._ensure_state(int(batch))
+            self._set_state({n: t.to(self.device) for n, t in tensors.items()})
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {}
+
+    def _state_layout(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of each tensor :meth:`state_dict` holds for this batch size."""
+        return {}
+
+    def _check_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse state tensors of the right layout but impossible values (``ValueError``)."""
+
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take validated state tensors (already on this device)."""
 
     @property
     def nbytes(self) -> int:
@@ -361,6 +444,22 @@ class LeverageScorer(Scorer):
     def state(self) -> dict[str, torch.Tensor]:
         return {} if self.gram is None else {"gram": self.gram}
 
+    def _extra_config(self) -> dict[str, Any]:
+        return {"ridge": self.ridge}
+
+    def _state_layout(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        d = self.head_dim
+        return {"gram": ((batch_size, self.num_kv_heads, d, d), torch.float32)}
+
+    def _check_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        gram = tensors.get("gram")
+        if gram is not None and not bool((gram.diagonal(dim1=-2, dim2=-1) >= 0).all()):
+            raise ValueError("scorer state 'gram' has a negative diagonal: not a Gram matrix")
+
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "gram" in tensors:
+            self.gram = tensors["gram"].clone()
+
 
 class _QueryMoments(Scorer):
     """Shared state of the query scorers: count, mean and (optionally) centred second moment.
@@ -487,6 +586,52 @@ class _QueryMoments(Scorer):
         if self.m2 is not None:
             out["m2"] = self.m2
         return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = super().state_dict()
+        if self.mean is not None:
+            out["count"] = torch.tensor(self.count, dtype=torch.float64)
+            out["tokens"] = torch.tensor(self.tokens, dtype=torch.int64)
+        return out
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {"half_life": self.half_life}
+
+    def _state_layout(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        # No queries seen yet (or H_q unknown): no moments.
+        if self.num_q_heads is None:
+            return {}
+        d, hq = self.head_dim, self.num_q_heads
+        out = {
+            "count": ((), torch.float64),
+            "tokens": ((), torch.int64),
+            "mean": ((batch_size, hq, d), torch.float32),
+        }
+        if self._with_cov:
+            out["m2"] = ((batch_size, hq, d, d), torch.float32)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        # A scorer configured with H_q but saved before its first queries holds no moments.
+        if isinstance(state, dict) and "mean" not in state and self.num_q_heads is not None:
+            saved, self.num_q_heads = self.num_q_heads, None
+            try:
+                super().load_state_dict(state)
+            finally:
+                self.num_q_heads = saved
+            return
+        super().load_state_dict(state)
+
+    def _check_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors and not (float(tensors["count"]) > 0 and int(tensors["tokens"]) >= 1):
+            raise ValueError("scorer state 'count' and 'tokens' must be positive")
+
+    def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            return
+        self.count, self.tokens = float(tensors["count"]), int(tensors["tokens"])
+        self.mean = tensors["mean"].clone()
+        self.m2 = None if "m2" not in tensors else tensors["m2"].clone()
 
 
 class QueryMeanScorer(_QueryMoments):
@@ -645,6 +790,13 @@ def _finite_rows(t: torch.Tensor) -> torch.Tensor:
     # finiteness (isfinite decomposes into four kernels).
     ok = (t * t).sum(dim=-1, keepdim=True) < math.inf
     return torch.where(ok, t, 0.0)
+
+
+def _scalar(t: Any, name: str, dtype: torch.dtype) -> int | float:
+    """The value of a 0-d tensor of ``dtype`` (a saved counter), or ``ValueError`` naming it."""
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 0:
+        raise ValueError(f"{name!r} must be a 0-d {dtype} tensor")
+    return t.item()
 
 
 def _add_finite(state: torch.Tensor, update: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import check_int
+from .persist import pack, unpack
 from .scorers import (
     Scorer,
     check_head_tensor,
@@ -30,8 +31,10 @@ from .scorers import (
 __all__ = ["KeySelector"]
 
 #: One-token steps between two rankings of the selected keys against the window tokens
-#: about to leave it (each ranking scores ``budget + interval`` candidates).
-DEFAULT_INTERVAL = 16
+#: about to leave it (each ranking scores ``budget + interval`` candidates). 4 stays within
+#: half a point of the perplexity of ranking at every step on three texts, 8 and 16 do not
+#: (benchmarks/results/kv_interval.md).
+DEFAULT_INTERVAL = 4
 
 #: Width of the pooling of observation-window attention: a short phrase around an attended
 #: token (15 recalled one pass key more than 7 on six hard cases; see the issue-20 note).
@@ -62,6 +65,19 @@ def _rank_union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _counter(state: dict[str, Any], name: str) -> int:
+    t = state.get(name)
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 0:
+        raise ValueError(f"state {name!r} must be a 0-d int64 tensor")
+    return int(t)
+
+
+def _scorer_kwargs(scorer: Scorer) -> dict[str, Any]:
+    config = scorer.get_config()
+    config.pop("name")
+    return config
 
 
 class KeySelector:
@@ -107,7 +123,7 @@ class KeySelector:
     pool_kernel : int, default 15
         Odd width of the max-pooling of the observation-window attention over
         neighbouring positions, so a kept key keeps the span around it.
-    interval : int, default 16
+    interval : int, default 4
         One-token steps between two rankings. Every ``interval`` steps the
         ``budget`` selected keys and the next ``interval`` window tokens to be
         overwritten are ranked together; the best fill the selected slots, the
@@ -213,8 +229,11 @@ class KeySelector:
         self._positions: torch.Tensor | None = None
         # Accumulated attention per slot (only for scorers that read attention).
         self._slot_attention: torch.Tensor | None = None
-        # Candidate slots of each block decision, one row per ring offset (see _decide_block).
-        self._block_slots: torch.Tensor | None = None
+        # Candidate slots of block decisions (see _decide_block): the selected slots, and the
+        # ring slots followed by the first `interval` of them again, so the `interval` slots
+        # from any ring offset on are one slice.
+        self._selected_slots: torch.Tensor | None = None
+        self._ring_slots: torch.Tensor | None = None
         # A prompt chunk that overflows the buffers waits here, concatenated after the kept
         # keys, until its queries are observed (`compress` then rebuilds the buffers).
         self._chunk: dict[str, torch.Tensor] | None = None
@@ -304,6 +323,222 @@ class KeySelector:
                 total += t.numel() * t.element_size()
         return total
 
+    # ------------------------------------------------------------ persistence
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-serialisable; the scorer's as a nested dict)."""
+        return {
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "budget": self.budget,
+            "sinks": self.sinks,
+            "window": self.window,
+            "scorer": self.scorer.get_config(),
+            "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
+            "observation_window": self.observation_window,
+            "pool_kernel": self.pool_kernel,
+            "interval": self.interval,
+        }
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], *, device: torch.device | str | None = None
+    ) -> KeySelector:
+        """An empty selector built from :meth:`get_config`'s output, on ``device``.
+
+        Raises ``ValueError`` for a malformed configuration (unknown or
+        missing fields, values the constructor refuses).
+        """
+        if not isinstance(config, dict):
+            raise ValueError(f"config must be a dict, got {type(config).__name__}")
+        expected = {
+            "num_kv_heads", "head_dim", "budget", "sinks", "window", "scorer", "dtype",
+            "observation_window", "pool_kernel", "interval",
+        }  # fmt: skip
+        if set(config) != expected:
+            raise ValueError(f"config must hold {sorted(expected)}, got {sorted(config)}")
+        scorer_config = config["scorer"]
+        if not isinstance(scorer_config, dict) or not isinstance(scorer_config.get("name"), str):
+            raise ValueError("config 'scorer' must be a dict with a 'name'")
+        dtype = config["dtype"]
+        if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
+            raise ValueError(f"config 'dtype' must name a floating dtype, got {dtype!r}")
+        try:
+            kwargs = dict(scorer_config)
+            scorer = make_scorer(kwargs.pop("name"), device=device, **kwargs)
+            return cls(
+                config["num_kv_heads"],
+                config["head_dim"],
+                config["budget"],
+                sinks=config["sinks"],
+                window=config["window"],
+                scorer=scorer,
+                device=device,
+                dtype=None if dtype is None else getattr(torch, dtype),
+                observation_window=config["observation_window"],
+                pool_kernel=config["pool_kernel"],
+                interval=config["interval"],
+            )
+        except TypeError as exc:  # a field of the wrong type, or an unknown scorer argument
+            raise ValueError(f"config is malformed: {exc}") from exc
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the kept keys, values, positions, recent queries and scorer state.
+
+        Counters are 0-d int64 tensors; the scorer's entries are prefixed
+        ``scorer.``. Refused (``RuntimeError``) between :meth:`append` and
+        :meth:`compress`, where a chunk is held transiently.
+        """
+        if self._pending:
+            raise RuntimeError("cannot save between append and compress: a chunk is pending")
+        out: dict[str, torch.Tensor] = {
+            "n_seen": torch.tensor(self.n_seen),
+            "decided": torch.tensor(self._decided),
+        }
+        for name, t in (
+            ("keys", self._keys),
+            ("values", self._values),
+            ("positions", self._positions),
+            ("slot_attention", self._slot_attention),
+            ("recent_queries", self.recent_queries),
+        ):
+            if t is not None:
+                out[name] = t.detach().clone()
+        for name, t in self.scorer.state_dict().items():
+            out[f"scorer.{name}"] = t
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the state by ``state`` (:meth:`state_dict` of a selector of this config).
+
+        Every field is checked first: names, shapes and dtypes against the
+        configuration, positions distinct, within the stream and laid out as
+        the selector lays them out (sinks first, every one of the last
+        ``window`` tokens kept). A mismatch raises ``ValueError`` naming the
+        field and leaves the selector unchanged.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict, got {type(state).__name__}")
+        scorer_state = {k[7:]: t for k, t in state.items() if k.startswith("scorer.")}
+        own = {k: t for k, t in state.items() if not k.startswith("scorer.")}
+        n_seen = _counter(own, "n_seen")
+        decided = _counter(own, "decided")
+        if n_seen < 0:
+            raise ValueError(f"state 'n_seen' must be >= 0, got {n_seen}")
+        buffers = ["keys", "values", "positions"]
+        if self.scorer.needs_attention:
+            buffers.append("slot_attention")
+        expected = {"n_seen", "decided"} | (set(buffers) if n_seen else set())
+        if self.observation_window and n_seen and "recent_queries" in own:
+            expected.add("recent_queries")
+        if set(own) != expected:
+            raise ValueError(f"state must hold {sorted(expected)}, got {sorted(own)}")
+        if n_seen:
+            self._check_state_buffers(own, n_seen, decided)
+        # A throwaway scorer checks the scorer's part, so a bad one leaves this one unchanged.
+        probe = make_scorer(
+            self.scorer.get_config()["name"], device=self.device, **_scorer_kwargs(self.scorer)
+        )
+        probe.load_state_dict(scorer_state)
+        self.reset()
+        self.scorer.load_state_dict(scorer_state)
+        self.n_seen, self._decided = n_seen, decided
+        if n_seen:
+            keys = own["keys"]
+            if self.dtype is None:
+                self.dtype = keys.dtype
+            self._allocate(keys.shape[0])
+            assert self._keys is not None and self._values is not None
+            assert self._positions is not None
+            self._keys.copy_(keys)
+            self._values.copy_(own["values"])
+            self._positions.copy_(own["positions"])
+            if self._slot_attention is not None:
+                self._slot_attention.copy_(own["slot_attention"])
+        if "recent_queries" in own:
+            self.recent_queries = own["recent_queries"].to(self.device, torch.float32).clone()
+
+    def copy(self) -> KeySelector:
+        """An independent selector in the same state (a branch: both continue on their own).
+
+        Cost: one copy of the capacity buffers and the scorer state.
+        """
+        other = KeySelector.from_config(self.get_config(), device=self.device)
+        other.load_state_dict(self.state_dict())
+        return other
+
+    def to_bytes(self) -> bytes:
+        """The selector's configuration and state as one safetensors blob (:mod:`.persist`)."""
+        return pack("KeySelector", self.get_config(), self.state_dict())
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, *, device: torch.device | str | None = None) -> KeySelector:
+        """The selector saved by :meth:`to_bytes`, on ``device`` (CPU by default).
+
+        Every field is validated (see :meth:`load_state_dict`); a corrupted or
+        mismatched blob raises ``ValueError`` saying what is wrong.
+        """
+        config, state = unpack(blob, "KeySelector")
+        selector = cls.from_config(config, device=device)
+        selector.load_state_dict(state)
+        return selector
+
+    def _check_state_buffers(
+        self, state: dict[str, torch.Tensor], n_seen: int, decided: int
+    ) -> None:
+        keys = state["keys"]
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+            raise ValueError("state 'keys' must be a (B, H_kv, capacity, d) tensor")
+        B, cap = keys.shape[0], self.capacity
+        dtype = keys.dtype if self.dtype is None else self.dtype
+        if B < 1 or dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"state 'keys' must be a floating tensor with B >= 1, got {keys.dtype}"
+            )
+        shapes = {
+            "keys": ((B, self.num_kv_heads, cap, self.head_dim), dtype),
+            "values": ((B, self.num_kv_heads, cap, self.head_dim), dtype),
+            "positions": ((B, self.num_kv_heads, cap), torch.int64),
+            "slot_attention": ((B, self.num_kv_heads, cap), torch.float32),
+        }
+        if "recent_queries" in state:
+            hq = self.num_q_heads or state["recent_queries"].shape[1]
+            if hq % self.num_kv_heads:
+                raise ValueError("state 'recent_queries' heads must be a multiple of num_kv_heads")
+            shapes["recent_queries"] = (
+                (B, hq, self.observation_window, self.head_dim),
+                torch.float32,
+            )
+        for name, (shape, dt) in shapes.items():
+            if name not in state:
+                continue
+            t = state[name]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dt:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t)
+                raise ValueError(f"state {name!r} must be {dt} {shape}, got {got}")
+        pos = state["positions"]
+        filled = min(n_seen, cap)
+        if bool((pos[..., filled:] != -1).any()):
+            raise ValueError("state 'positions' marks an empty slot that should be filled")
+        kept = pos[..., :filled]
+        if n_seen <= cap:
+            if not bool((kept == torch.arange(filled, device=kept.device)).all()):
+                raise ValueError("state 'positions' must equal the slot while the cache fills")
+        else:
+            ordered = kept.sort(dim=-1).values
+            if bool((ordered[..., 0] < 0).any()) or bool((ordered[..., -1] >= n_seen).any()):
+                raise ValueError(f"state 'positions' must lie in [0, n_seen={n_seen})")
+            if bool((ordered[..., 1:] <= ordered[..., :-1]).any()):
+                raise ValueError("state 'positions' must be distinct within each head")
+            sinks = torch.arange(self.sinks, device=kept.device)
+            if self.sinks and not bool((kept[..., : self.sinks] == sinks).all()):
+                raise ValueError("state 'positions' must hold the sinks in the first slots")
+            recent = (kept >= n_seen - self._ring).sum(dim=-1)
+            if not bool((recent == min(self._ring, n_seen)).all()):
+                raise ValueError("state 'positions' must keep every one of the last window tokens")
+        low = self.sinks + self.budget
+        if not low <= decided <= max(n_seen, low) + self._interval:
+            raise ValueError(f"state 'decided' {decided} is outside [{low}, n_seen + interval]")
+
     # ------------------------------------------------------------------- api
     def update(
         self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None = None
@@ -334,7 +569,7 @@ class KeySelector:
             self._check_queries(queries, keys)
         self.append(keys, values)
         if queries is not None:
-            self.observe_queries(queries)
+            self._observe_queries(queries)
         self.compress()
         assert self.keys is not None and self.values is not None and self.positions is not None
         return self.keys, self.values, self.positions
@@ -394,7 +629,7 @@ class KeySelector:
                     [self._slot_attention[:, :, : self._n_valid], fresh], dim=2
                 )
             self._chunk = chunk
-        self.scorer.observe_keys(keys)
+        self.scorer.observe_keys(keys, validate=False)
         self.n_seen += c
         self._pending = c
         assert self.keys is not None and self.values is not None
@@ -408,7 +643,17 @@ class KeySelector:
         overflowing prompt's candidates by their exact attention alone, and
         the decisions of one-token steps rank by the scorer and them.
         """
-        self.scorer.observe_queries(queries)
+        self._check_queries(queries, None)
+        if self._keys is not None and queries.shape[0] != self._keys.shape[0]:
+            raise ValueError(
+                f"queries must have the cache's batch size {self._keys.shape[0]}, "
+                f"got {queries.shape[0]}"
+            )
+        self._observe_queries(queries)
+
+    def _observe_queries(self, queries: torch.Tensor) -> None:
+        # Checked by the caller (observe_queries or update), so the scorer is told not to.
+        self.scorer.observe_queries(queries, validate=False)
         w = self.observation_window
         if not w:
             return
@@ -465,12 +710,12 @@ class KeySelector:
         if self.scorer.needs_attention:
             self._slot_attention = torch.zeros(shape, device=self.device)
         if self.budget:
-            # Row i: the selected slots, then the `interval` ring slots from ring offset i on.
+            # O(capacity) indices: a table with one row per ring offset would hold
+            # window * budget of them (gigabytes at totals of several thousand).
             base = self.sinks + self.budget
-            ring = torch.arange(self._ring)[:, None]
-            offsets = (ring + torch.arange(self._interval)) % self._ring
-            selected = torch.arange(self.sinks, base).expand(self._ring, -1)
-            self._block_slots = torch.cat([selected, base + offsets], dim=1).to(self.device)
+            self._selected_slots = torch.arange(self.sinks, base, device=self.device)
+            ring = torch.arange(self._ring + self._interval, device=self.device) % self._ring
+            self._ring_slots = base + ring
 
     def _ring_slot(self, position: int) -> int:
         base = self.sinks + self.budget
@@ -497,8 +742,9 @@ class KeySelector:
         key stays attended until its slot is taken.
         """
         assert self._keys is not None and self._values is not None and self._positions is not None
-        assert self._block_slots is not None
-        slots = self._block_slots[ring_offset]
+        assert self._selected_slots is not None and self._ring_slots is not None
+        block = self._ring_slots[ring_offset : ring_offset + self._interval]
+        slots = torch.cat([self._selected_slots, block])
         keys = self._keys.index_select(2, slots)
         values = self._values.index_select(2, slots)
         pos = self._positions.index_select(2, slots)
@@ -507,7 +753,7 @@ class KeySelector:
             att = self._slot_attention.index_select(2, slots)
             scores = att
         else:
-            scores = self.scorer.score(keys, pos, values=values)
+            scores = self.scorer.score(keys, pos, values=values, validate=False)
             if self.recent_queries is not None:
                 raw = self._observation_scores(self._keys, self._positions)
                 raw = raw.gather(2, slots.expand(*raw.shape[:2], -1))
@@ -537,7 +783,7 @@ class KeySelector:
             raw = self._observation_scores(keys, pos)[:, :, s:]
             scores = self.scorer.finish_scores(raw, cand_k, cand_v)
         elif b:
-            scores = self.scorer.score(cand_k, cand_p, values=cand_v)
+            scores = self.scorer.score(cand_k, cand_p, values=cand_v, validate=False)
             if self.recent_queries is not None:
                 raw = self._observation_scores(keys, pos)[:, :, s:]
                 scores = _rank_union(scores, self.scorer.finish_scores(raw, cand_k, cand_v))
